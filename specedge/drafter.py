@@ -1,0 +1,231 @@
+"""The draft side: grow token trees, bet on the next one while a verification is out.
+
+A `Drafter` owns the draft model's KV cache for one generation. `draft(sequence)` grows a
+tree on top of the committed sequence; `commit(...)` keeps only the accepted path in the
+cache. `bet(tree)` picks the most probable (node, next token) outcome of the pending
+verification and grows the following tree from there on a copy of the cache, so that on
+a hit the next tree is ready the moment the verdict arrives.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from specedge import kvcache
+from specedge.trees import TokenTree, TreeShape, tree_mask, tree_positions
+
+
+@dataclass
+class Growth:
+    """A tree being grown best-first by cumulative log-probability, one batch per step.
+
+    Each step adds up to `max_width` of the best candidates whose parent is already in the
+    tree, then forwards them (one draft pass) to collect their own candidate children.
+    The result obeys the budget, the depth limit and the width limit; with width 1 it is
+    a greedy chain.
+    """
+
+    shape: TreeShape
+    prefix_len: int
+    tree: TokenTree = field(default_factory=TokenTree)
+    # (-cumulative logprob, tie-break, parent, token)
+    pool: list[tuple[float, int, int, int]] = field(default_factory=list)
+    forwarded: int = 0  # nodes 0..forwarded-1 have KV rows in the cache
+    # Top next-token candidates for every forwarded node (-1 = root): (tokens, logprobs).
+    top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    depth: list[int] = field(default_factory=list)
+    _tick: int = 0
+
+    @property
+    def done(self) -> bool:
+        return len(self.tree) >= self.shape.budget or not self.pool
+
+    def offer(self, node: int, logits: torch.Tensor) -> None:
+        """Record `node`'s next-token distribution and push its best children as candidates."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        k = min(self.shape.max_width + 1, logp.shape[-1])
+        vals, toks = torch.topk(logp, k)
+        self.top[node] = (toks.tolist(), vals.tolist())
+        node_depth = -1 if node == -1 else self.depth[node]
+        if node_depth + 1 >= self.shape.max_depth:
+            return
+        base = 0.0 if node == -1 else self.tree.logprobs[node]
+        for tok, lp in zip(toks.tolist()[: self.shape.max_width], vals.tolist(), strict=False):
+            self._tick += 1
+            heapq.heappush(self.pool, (-(base + lp), self._tick, node, tok))
+
+    def select(self) -> int:
+        """Move up to max_width best candidates into the tree; return how many."""
+        room = self.shape.budget - len(self.tree)
+        added = 0
+        while self.pool and added < min(room, self.shape.max_width):
+            neg, _, parent, tok = heapq.heappop(self.pool)
+            self.tree.add(parent, tok, -neg)
+            self.depth.append(0 if parent == -1 else self.depth[parent] + 1)
+            added += 1
+        return added
+
+
+class Drafter:
+    """Draft model state for one generation (not thread-safe: one caller at a time)."""
+
+    def __init__(self, model: PreTrainedModel, shape: TreeShape,
+                 counter: ForwardCounter | None = None) -> None:
+        self.model = model
+        self.shape = shape
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache = DynamicCache()
+        self.seq: list[int] = []  # tokens whose KV rows are in the cache, in order
+        self.growth: Growth | None = None
+        # Shared with the drafters of bets, so wasted proactive work is counted too.
+        self.counter = counter or ForwardCounter()
+
+    # -- forward passes -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], positions: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=None if mask is None else mask.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.counter.forwards += 1
+        return out.logits[0]  # [len(ids), V]
+
+    def _extend(self, sequence: list[int]) -> torch.Tensor:
+        """Bring the cache to `sequence` (reusing the common prefix); return last logits [V]."""
+        common = 0
+        limit = min(len(self.seq), len(sequence) - 1)  # always forward at least one token
+        while common < limit and self.seq[common] == sequence[common]:
+            common += 1
+        kvcache.truncate(self.cache, common)
+        new = sequence[common:]
+        positions = torch.arange(common, common + len(new))[None]
+        logits = self._forward(new, positions, None)
+        self.seq = list(sequence)
+        return logits[-1]
+
+    def _step(self, growth: Growth) -> None:
+        """Add one batch of nodes and, unless the tree is full, forward them."""
+        start = len(growth.tree)
+        if growth.select() == 0:
+            return
+        stop = len(growth.tree)
+        if len(growth.tree) >= growth.shape.budget:
+            return  # full: the last nodes need no children
+        parents = growth.tree.parents
+        logits = self._forward(
+            growth.tree.tokens[start:stop],
+            tree_positions(parents, growth.prefix_len, start, stop),
+            tree_mask(parents, growth.prefix_len, start, stop, self.dtype),
+        )
+        growth.forwarded = stop
+        for row, node in enumerate(range(start, stop)):
+            growth.offer(node, logits[row])
+
+    def _grow(self, growth: Growth, cancel: threading.Event | None) -> None:
+        while not growth.done and not (cancel is not None and cancel.is_set()):
+            self._step(growth)
+
+    # -- public API -----------------------------------------------------------------
+
+    def draft(self, sequence: list[int], cancel: threading.Event | None = None) -> TokenTree:
+        """Grow a tree after `sequence` (everything committed so far, pending token last).
+
+        `cancel` stops the growth between batches, leaving a smaller but valid tree.
+        """
+        root_logits = self._extend(sequence)
+        growth = Growth(self.shape, prefix_len=len(sequence))
+        growth.offer(-1, root_logits)
+        self.growth = growth
+        self._grow(growth, cancel)
+        return growth.tree
+
+    def commit(self, tree: TokenTree, accepted: list[int]) -> None:
+        """Keep the committed prefix and the accepted nodes that already have KV rows."""
+        growth = self.growth
+        assert growth is not None and growth.tree is tree, "commit the tree last drafted"
+        base = growth.prefix_len
+        kept = [n for n in accepted if n < growth.forwarded]
+        kvcache.keep_rows(self.cache, list(range(base)) + [base + n for n in kept])
+        self.seq = self.seq + [tree.tokens[n] for n in kept]
+        self.growth = None
+
+    def bet(self, tree: TokenTree, cancel: threading.Event | None = None) -> Bet | None:
+        """Guess the verdict on `tree` and draft the next tree as if the guess were right.
+
+        The guess is the (leaf, token) with the highest draft probability of "the target
+        accepts the whole path to the leaf and then chooses token": for a chain, "all of it
+        is accepted". Runs on a copy of the cache, so a miss costs nothing but the work;
+        `cancel` stops the growth early, leaving a smaller but valid tree.
+        """
+        growth = self.growth
+        assert growth is not None and growth.tree is tree
+        # Nodes added last have no distribution yet: forward them once.
+        if growth.forwarded < len(tree):
+            start, stop = growth.forwarded, len(tree)
+            logits = self._forward(
+                tree.tokens[start:stop],
+                tree_positions(tree.parents, growth.prefix_len, start, stop),
+                tree_mask(tree.parents, growth.prefix_len, start, stop, self.dtype),
+            )
+            growth.forwarded = stop
+            for row, node in enumerate(range(start, stop)):
+                vals, toks = torch.topk(torch.log_softmax(logits[row].float(), -1), 2)
+                growth.top[node] = (toks.tolist(), vals.tolist())
+        best: tuple[float, int, int] | None = None
+        for leaf in tree.leaves():
+            toks, vals = growth.top[leaf]
+            score = tree.logprobs[leaf] + vals[0]
+            if best is None or score > best[0]:
+                best = (score, leaf, toks[0])
+        if best is None:
+            return None
+        _, node, token = best
+        path = tree.path(node)
+        prefix = growth.prefix_len
+        sequence = self.seq + [tree.tokens[n] for n in path] + [token]
+        # The bet's cache: committed rows, the path's rows, then the guessed token.
+        side = Drafter(self.model, self.shape, self.counter)
+        side.cache = kvcache.copy_rows(self.cache, list(range(prefix)) + [prefix + n for n in path])
+        side.seq = sequence[:-1]
+        next_tree = side.draft(sequence, cancel)
+        return Bet(node=node, path=path, token=token, drafter=side, tree=next_tree)
+
+    def adopt(self, bet: Bet) -> TokenTree:
+        """Take over a winning bet's cache and finish its tree if it was cut short."""
+        side = bet.drafter
+        assert side.growth is not None
+        side._grow(side.growth, None)
+        self.cache, self.seq, self.growth = side.cache, side.seq, side.growth
+        return side.growth.tree
+
+
+@dataclass
+class ForwardCounter:
+    forwards: int = 0
+
+
+@dataclass
+class Bet:
+    """A proactive guess at a verdict and the tree drafted for it."""
+
+    node: int  # the leaf
+    path: list[int]
+    token: int
+    drafter: Drafter
+    tree: TokenTree
+
+    def hit(self, accepted: list[int], bonus: int) -> bool:
+        return accepted == self.path and bonus == self.token
+
+
