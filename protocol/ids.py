@@ -1,0 +1,96 @@
+"""Protocol ids, versions and DHT keys.
+
+The libp2p protocol id carries the version ("/specedge/verify/1.0.0"). Peers with the
+same major version interoperate; multistream-select matches ids exactly, so a peer
+speaking an unknown major version finds no handler, and ``negotiate`` /
+``check_version`` refuse it explicitly wherever a version string is exchanged
+(OpenSession.client_version, Advertisement.protocol_version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+from specedge.protocol.errors import ErrorCode, ProtocolError
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+PROTOCOL_PATCH = 0
+PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}.{PROTOCOL_PATCH}"
+
+VERIFY_FAMILY = "/specedge/verify"
+ADVERT_FAMILY = "/specedge/advert"
+VERIFY_PROTOCOL = f"{VERIFY_FAMILY}/{PROTOCOL_VERSION}"
+ADVERT_PROTOCOL = f"{ADVERT_FAMILY}/{PROTOCOL_VERSION}"
+
+DHT_NAMESPACE = "/specedge/model/"
+
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    """Parse "MAJOR.MINOR.PATCH" (MALFORMED if it is not one)."""
+    m = _VERSION_RE.match(version)
+    if not m:
+        raise ProtocolError(ErrorCode.MALFORMED, f"bad version string {version[:32]!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def check_version(version: str) -> tuple[int, int, int]:
+    """Accept a peer's version if its major is ours (UNSUPPORTED_VERSION otherwise).
+
+    Minor and patch differences are compatible by definition: they only add optional
+    fields, which protobuf ignores when unknown.
+    """
+    parsed = parse_version(version)
+    if parsed[0] != PROTOCOL_MAJOR:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"peer speaks protocol {version}, we speak {PROTOCOL_VERSION}",
+        )
+    return parsed
+
+
+def parse_protocol_id(protocol_id: str) -> tuple[str, tuple[int, int, int]]:
+    """Split "/specedge/verify/1.0.0" into ("/specedge/verify", (1, 0, 0))."""
+    family, sep, version = protocol_id.rpartition("/")
+    if not sep or not family.startswith("/specedge/"):
+        raise ProtocolError(
+            ErrorCode.MALFORMED, f"not a specedge protocol id: {protocol_id[:64]!r}"
+        )
+    return family, parse_version(version)
+
+
+def negotiate(offered: Iterable[str], family: str = VERIFY_FAMILY) -> str:
+    """Pick the protocol id we speak from those a peer offers, or refuse.
+
+    Returns our own id for ``family`` when the peer offers any id of that family with
+    our major version; raises UNSUPPORTED_VERSION when it offers only other majors.
+    """
+    seen: list[str] = []
+    for pid in offered:
+        try:
+            fam, (major, _, _) = parse_protocol_id(pid)
+        except ProtocolError:
+            continue
+        if fam != family:
+            continue
+        seen.append(pid)
+        if major == PROTOCOL_MAJOR:
+            return f"{family}/{PROTOCOL_VERSION}"
+    raise ProtocolError(
+        ErrorCode.UNSUPPORTED_VERSION,
+        f"no offered {family} version is compatible with {PROTOCOL_VERSION}: {seen[:8]}",
+    )
+
+
+def dht_key(model_id: str) -> str:
+    """The Kademlia provider key under which verifiers of ``model_id`` advertise.
+
+    A plain namespaced string: libp2p's DHT silently decodes keys that parse as hex or
+    a CID, so a bare hex digest would not be the key we meant. Hashing keeps any model
+    id (paths, odd characters) to a fixed, safe length.
+    """
+    return DHT_NAMESPACE + hashlib.sha256(model_id.encode("utf-8")).hexdigest()

@@ -1,0 +1,237 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_UNSPECIFIED: _ClassVar[ErrorCode]
+    MALFORMED: _ClassVar[ErrorCode]
+    TOO_LARGE: _ClassVar[ErrorCode]
+    UNEXPECTED_MESSAGE: _ClassVar[ErrorCode]
+    BAD_KEY: _ClassVar[ErrorCode]
+    BAD_SIGNATURE: _ClassVar[ErrorCode]
+    WRONG_PAYLOAD_TYPE: _ClassVar[ErrorCode]
+    WRONG_PEER: _ClassVar[ErrorCode]
+    UNKNOWN_SESSION: _ClassVar[ErrorCode]
+    REPLAYED_SEQUENCE: _ClassVar[ErrorCode]
+    SKIPPED_SEQUENCE: _ClassVar[ErrorCode]
+    TOKEN_OUT_OF_VOCAB: _ClassVar[ErrorCode]
+    BAD_TREE: _ClassVar[ErrorCode]
+    TREE_TOO_LARGE: _ClassVar[ErrorCode]
+    INVALID_PARAMETER: _ClassVar[ErrorCode]
+    BAD_RESULT: _ClassVar[ErrorCode]
+    BAD_RECEIPT: _ClassVar[ErrorCode]
+    LIMIT_REACHED: _ClassVar[ErrorCode]
+    OVERLOADED: _ClassVar[ErrorCode]
+    UNSUPPORTED_MODEL: _ClassVar[ErrorCode]
+    UNSUPPORTED_VERSION: _ClassVar[ErrorCode]
+    TIMEOUT: _ClassVar[ErrorCode]
+    STREAM_CLOSED: _ClassVar[ErrorCode]
+    SHUTTING_DOWN: _ClassVar[ErrorCode]
+    INTERNAL: _ClassVar[ErrorCode]
+ERROR_UNSPECIFIED: ErrorCode
+MALFORMED: ErrorCode
+TOO_LARGE: ErrorCode
+UNEXPECTED_MESSAGE: ErrorCode
+BAD_KEY: ErrorCode
+BAD_SIGNATURE: ErrorCode
+WRONG_PAYLOAD_TYPE: ErrorCode
+WRONG_PEER: ErrorCode
+UNKNOWN_SESSION: ErrorCode
+REPLAYED_SEQUENCE: ErrorCode
+SKIPPED_SEQUENCE: ErrorCode
+TOKEN_OUT_OF_VOCAB: ErrorCode
+BAD_TREE: ErrorCode
+TREE_TOO_LARGE: ErrorCode
+INVALID_PARAMETER: ErrorCode
+BAD_RESULT: ErrorCode
+BAD_RECEIPT: ErrorCode
+LIMIT_REACHED: ErrorCode
+OVERLOADED: ErrorCode
+UNSUPPORTED_MODEL: ErrorCode
+UNSUPPORTED_VERSION: ErrorCode
+TIMEOUT: ErrorCode
+STREAM_CLOSED: ErrorCode
+SHUTTING_DOWN: ErrorCode
+INTERNAL: ErrorCode
+
+class Envelope(_message.Message):
+    __slots__ = ("public_key", "payload_type", "payload", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    payload_type: bytes
+    payload: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., payload_type: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class OpenSession(_message.Message):
+    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    prompt: _containers.RepeatedScalarFieldContainer[int]
+    sampling: Sampling
+    client_version: str
+    max_new_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class SessionOpened(_message.Message):
+    __slots__ = ("session_id", "verifier_peer_id", "vocab_size", "max_tree_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    verifier_peer_id: str
+    vocab_size: int
+    max_tree_tokens: int
+    def __init__(self, session_id: _Optional[bytes] = ..., verifier_peer_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_tree_tokens: _Optional[int] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("session_id", "seq", "tokens", "parents", "proactive", "draft_micros")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    PROACTIVE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    seq: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    proactive: bool
+    draft_micros: int
+    def __init__(self, session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., proactive: _Optional[bool] = ..., draft_micros: _Optional[int] = ...) -> None: ...
+
+class VerifyResult(_message.Message):
+    __slots__ = ("session_id", "seq", "accepted", "bonus_token", "receipt")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    BONUS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    seq: int
+    accepted: _containers.RepeatedScalarFieldContainer[int]
+    bonus_token: int
+    receipt: bytes
+    def __init__(self, session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., bonus_token: _Optional[int] = ..., receipt: _Optional[bytes] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("verifier_peer_id", "node_peer_id", "session_id", "seq", "request_sha256", "drafted", "accepted", "verify_micros", "unix_ms", "model_id", "draft_micros")
+    VERIFIER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MICROS_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    verifier_peer_id: str
+    node_peer_id: str
+    session_id: bytes
+    seq: int
+    request_sha256: bytes
+    drafted: int
+    accepted: int
+    verify_micros: int
+    unix_ms: int
+    model_id: str
+    draft_micros: int
+    def __init__(self, verifier_peer_id: _Optional[str] = ..., node_peer_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., request_sha256: _Optional[bytes] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., verify_micros: _Optional[int] = ..., unix_ms: _Optional[int] = ..., model_id: _Optional[str] = ..., draft_micros: _Optional[int] = ...) -> None: ...
+
+class CloseSession(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    reason: str
+    def __init__(self, session_id: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "session_id", "seq")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    message: str
+    session_id: bytes
+    seq: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class Advertisement(_message.Message):
+    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MEAN_VERIFY_MICROS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    max_batch_tokens: int
+    free_slots: int
+    queue_depth: int
+    mean_verify_micros: int
+    protocol_version: str
+    max_tree_tokens: int
+    vocab_size: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class AdvertQuery(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("open", "opened", "verify", "result", "close", "error", "advert", "advert_query")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_QUERY_FIELD_NUMBER: _ClassVar[int]
+    open: OpenSession
+    opened: SessionOpened
+    verify: Envelope
+    result: VerifyResult
+    close: CloseSession
+    error: Error
+    advert: Advertisement
+    advert_query: AdvertQuery
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verify: _Optional[_Union[Envelope, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., advert: _Optional[_Union[Advertisement, _Mapping]] = ..., advert_query: _Optional[_Union[AdvertQuery, _Mapping]] = ...) -> None: ...
