@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError, Message
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.peer.id import ID
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.limits import (

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import trio
 from google.protobuf.message import DecodeError
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.limits import FRAME_LIMITS, MAX_FRAME_BYTES, RESULT_TIMEOUT, WRITE_TIMEOUT

@@ -29,6 +29,7 @@ import trio
 from google.protobuf.message import DecodeError
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.pb import crypto_pb2
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import (
     DOMAIN_RECEIPT,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import (
@@ -229,6 +230,7 @@ def test_frames_over_a_real_libp2p_stream() -> None:
     from libp2p.network.config import ConnectionConfig
     from libp2p.peer.peerinfo import info_from_p2p_addr
     from multiaddr import Multiaddr
+
     from specedge.protocol.errors import error_frame
     from specedge.protocol.ids import VERIFY_PROTOCOL
 

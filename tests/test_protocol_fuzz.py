@@ -16,6 +16,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import open_request, seal_request
 from specedge.protocol.errors import ProtocolError

@@ -13,6 +13,7 @@ from libp2p.crypto.pb import crypto_pb2
 from libp2p.crypto.secp256k1 import create_new_key_pair as create_secp256k1_key_pair
 from libp2p.identity_utils import load_identity as libp2p_load
 from libp2p.identity_utils import save_identity as libp2p_save
+
 from specedge.protocol.identity import (
     IdentityError,
     default_identity_path,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import (
     ErrorCode,
@@ -196,6 +197,7 @@ def test_generated_module_is_not_stale(tmp_path: Path) -> None:
 def test_largest_valid_messages_fit_their_frame_limits() -> None:
     """Limits must not refuse what validation accepts (worst-case sizes everywhere)."""
     from libp2p.crypto.ed25519 import create_new_key_pair
+
     from specedge.protocol import limits as L
     from specedge.protocol.envelopes import open_receipt, open_request, seal_receipt, seal_request
     from specedge.protocol.validation import (

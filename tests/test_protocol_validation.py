@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
+
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import request_digest, seal_request
 from specedge.protocol.errors import ErrorCode, ProtocolError, RemoteError
@@ -288,6 +289,7 @@ def _raise(exc: BaseException) -> None:
 
 def _timeout() -> None:
     import trio
+
     from specedge.protocol.framing import read_frame
 
     class Stalled:
@@ -300,6 +302,7 @@ def _timeout() -> None:
 
 def _closed() -> None:
     import trio
+
     from specedge.protocol.framing import read_frame
 
     class Ended:
