@@ -1,0 +1,632 @@
+"""The SimPy model of one run.
+
+SpecEdge: every edge node is one stream. For each request it opens a session on a
+verifier (which prefills the prompt, in chunks between other work), then drafts a tree
+on its own GPU, sends it (half a round trip), waits while the verifier batches it with
+whatever else is ready, gets the verdict back (the other half) and hands the accepted
+tokens plus the bonus token to its user all at once. While a request is in flight it
+drafts the next tree proactively, betting that the whole path is accepted: on a hit that
+tree is ready at once (or when its drafting ends), on a miss it drafts anew.
+
+Baselines: the server does everything for every stream, in lockstep batches: one decode
+step per token (autoregressive), or drafting for every stream then verifying them all
+(server-only speculative decoding). There is no network in a baseline pass.
+
+Verifier failures: a verifier dies at a set time, losing its queue and the pass in flight;
+each of its nodes notices after a detection timeout, opens a session on another verifier
+(re-prefilling the prompt and everything accepted so far) and resends its tree.
+
+Not modelled: KV-cache memory and session limits on a verifier; network bandwidth
+(latency only); stale advertisements (the least-loaded choice sees live session counts);
+discovery time; edge nodes that fail or leave; heterogeneous edge GPUs (beyond per-draft
+jitter); end-of-sequence (every request generates exactly its token count); correlation
+of acceptance between rounds (each round draws independently from the calibrated
+histogram); bets that come true without the whole path accepted (possible with wide
+trees); the ledger.
+
+All times inside the model are seconds; calibration figures are milliseconds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import simpy
+
+from sims.calibration import Calibration
+
+MODES = ("autoregressive", "server_only", "specedge")
+CHOICES = ("least_loaded", "random")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated run. A finite workload (`requests_per_node`) runs until every request
+    is done; otherwise the run lasts `duration_s` and is measured after `warmup_s`."""
+
+    mode: str = "specedge"
+    nodes: int = 1  # streams: one per edge node in SpecEdge, one per user in a baseline
+    verifiers: int = 1  # verifiers (SpecEdge) or servers (baselines)
+    requests_per_node: int | None = 4
+    duration_s: float = 60.0
+    warmup_s: float = 0.0
+    max_new_tokens: int | None = None  # None: the calibration's
+    prompt_tokens: int | None = None  # None: the calibration's
+    rtt_ms: float | None = None  # mean round trip; None: the calibration's
+    rtt_spread: float = 0.0  # coefficient of variation of the round trip across nodes
+    net_jitter: float = 0.05  # coefficient of variation of one message's delay
+    jitter: float = 0.05  # coefficient of variation of every compute time
+    acceptance_scale: float = 1.0
+    proactive: bool = True
+    choice: str = "least_loaded"  # how a node picks its verifier
+    max_batch_tokens: int = 1024  # a verifier pass takes ready requests up to this
+    prefill_chunk: int = 512  # prefill runs in chunks of this many tokens, one per pass
+    batch_wait_ms: float = 0.0  # a free verifier waits this long for all its sessions
+    fail_fraction: float = 0.0  # verifiers that die at `fail_at_s`
+    fail_at_s: float | None = None  # None: half way through the run
+    detect_timeout_s: float = 2.0  # a node gives a silent verifier this long
+    user_rtt: bool = False  # baselines: the user is a round trip away (adds to TTFT)
+    start_spread_s: float = 0.0  # streams start at random times in [0, this)
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {self.choice!r}")
+        if self.nodes < 1 or self.verifiers < 1:
+            raise ValueError("a run needs at least one node and one verifier")
+        if self.requests_per_node is None and self.duration_s <= self.warmup_s:
+            raise ValueError("duration_s must exceed warmup_s")
+        if not 0.0 <= self.fail_fraction < 1.0:
+            raise ValueError("fail_fraction must be in [0, 1): someone has to survive")
+
+
+@dataclass
+class Result:
+    """What one run measured, over its measurement window."""
+
+    mode: str
+    nodes: int
+    verifiers: int
+    tokens: int  # delivered inside the window
+    tokens_total: int  # delivered in the whole run
+    requests_done: int
+    wall_s: float  # the window (or, for a finite workload, until the last token)
+    server_busy_s: float  # summed over verifiers/servers, inside the window
+    edge_draft_s: float  # summed over nodes, inside the window
+    server_throughput_tps: float  # tokens per second of server busy time
+    throughput_tps: float  # tokens per second of wall time
+    itl_ms_p50: float
+    itl_ms_p95: float
+    itl_ms_mean: float
+    ttft_ms_p50: float
+    ttft_ms_p95: float
+    cost_per_1m_tokens_usd: float
+    acceptance: float | None
+    mean_accepted_length: float | None
+    proactive_hit_rate: float | None
+    mean_batch_tokens: float
+    failovers: int
+    events: int
+    runtime_s: float  # real seconds the simulation took
+    per_request_tokens: list[int] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("per_request_tokens")
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+@dataclass
+class Request:
+    start: float
+    prompt: int
+    extra_ttft: float = 0.0  # the user's round trip in a baseline
+    generated: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+
+class Job:
+    """One message a verifier handles: a verify request (tokens) and/or a prefill."""
+
+    __slots__ = ("tokens", "prefill", "done", "sent")
+
+    def __init__(self, tokens: int, prefill: int, done: simpy.Event, sent: float):
+        self.tokens = tokens
+        self.prefill = prefill  # prompt tokens still to prefill
+        self.done = done  # succeeds with True (verdict, or session ready) or None (gone)
+        self.sent = sent
+
+
+class Recorder:
+    """Counts tokens, gaps between token arrivals, busy time; only what falls inside the
+    window [w0, w1] enters the figures, so a run's start-up does not skew them."""
+
+    def __init__(self, w0: float, w1: float):
+        self.w0, self.w1 = w0, w1
+        self.tokens = 0
+        self.tokens_total = 0
+        self.gaps: list[float] = []  # first token of a round: time since the previous one
+        self.zero_gaps = 0  # the round's other tokens arrive with it
+        self.ttft: list[float] = []
+        self.server_busy = 0.0
+        self.edge_busy = 0.0
+        self.rounds = 0
+        self.drafted = 0
+        self.accepted = 0
+        self.bets = 0
+        self.hits = 0
+        self.failovers = 0
+        self.batches = 0
+        self.batch_tokens = 0
+        self.finished: list[int] = []
+        self.last_token_at = 0.0
+
+    def _clip(self, start: float, end: float) -> float:
+        return max(0.0, min(end, self.w1) - max(start, self.w0))
+
+    def server(self, start: float, end: float) -> None:
+        self.server_busy += self._clip(start, end)
+
+    def edge(self, start: float, end: float) -> None:
+        self.edge_busy += self._clip(start, end)
+
+    def deliver(self, req: Request, t: float, n: int) -> None:
+        """`n` tokens reach the user at `t`, together."""
+        if n <= 0:
+            return
+        self.tokens_total += n
+        req.generated += n
+        self.last_token_at = max(self.last_token_at, t)
+        inside = self.w0 <= t <= self.w1
+        if inside:
+            self.tokens += n
+            self.zero_gaps += n - 1
+            if req.first_at is None:
+                self.ttft.append(t - req.start + req.extra_ttft)
+            else:
+                self.gaps.append(t - req.last_at)
+        if req.first_at is None:
+            req.first_at = t
+        req.last_at = t
+
+    def round(self, accepted: int, drafted: int) -> None:
+        self.rounds += 1
+        self.accepted += accepted
+        self.drafted += drafted
+
+    def finish(self, req: Request) -> None:
+        self.finished.append(req.generated)
+
+
+def lognormal_factor(rng: random.Random, cv: float) -> float:
+    """A multiplier with mean 1 and coefficient of variation `cv` (1 when cv is 0)."""
+    if cv <= 0:
+        return 1.0
+    sigma = math.sqrt(math.log1p(cv * cv))
+    return rng.lognormvariate(-sigma * sigma / 2, sigma)
+
+
+class Verifier:
+    """A host with the target model: continuous batching with a token budget, no barrier.
+    Whenever it is free it takes every ready message (oldest first) up to the budget and
+    runs them as one forward pass; a message arriving meanwhile waits for the next."""
+
+    def __init__(self, sim: Simulation, index: int):
+        self.sim = sim
+        self.index = index
+        self.queue: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.wake: simpy.Event | None = None
+        self.alive = True
+        self.died_at = math.inf
+        self.sessions = 0  # what it advertises: sessions open on it
+        self.queued_verify = 0
+        self.all_ready: simpy.Event | None = None
+        sim.env.process(self.serve())
+
+    def submit(self, job: Job) -> None:
+        if not self.alive:
+            self.sim.fail_later(job, job.sent + self.sim.sc.detect_timeout_s)
+            return
+        self.queue.append(job)
+        if job.tokens:
+            self.queued_verify += 1
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+        if (self.all_ready is not None and not self.all_ready.triggered
+                and self.queued_verify >= self.sessions):
+            self.all_ready.succeed()
+
+    def serve(self) -> Generator[simpy.Event, Any, None]:
+        sim, env, cal = self.sim, self.sim.env, self.sim.cal
+        wait_s = sim.sc.batch_wait_ms / 1000
+        while self.alive:
+            if not self.queue:
+                self.wake = env.event()
+                yield self.wake
+                self.wake = None
+                continue
+            if wait_s > 0 and self.queued_verify < self.sessions:
+                # Not everyone is ready: give the others a moment to join this pass.
+                self.all_ready = env.event()
+                yield env.any_of([self.all_ready, env.timeout(wait_s)])
+                self.all_ready = None
+                if not self.alive:
+                    return
+            batch, verify_tokens, prefill_tokens = self.take()
+            ms = cal.verify_ms(verify_tokens) + cal.prefill_ms_per_token * prefill_tokens
+            start = env.now
+            self.running = [job for job, _ in batch]
+            yield env.timeout(ms * lognormal_factor(sim.rng, sim.sc.jitter) / 1000)
+            self.running = []
+            sim.rec.server(start, min(env.now, self.died_at))
+            if not self.alive:
+                return  # the jobs were failed when it died
+            sim.rec.batches += 1
+            sim.rec.batch_tokens += verify_tokens + prefill_tokens
+            for job, size in batch:
+                if job.tokens:
+                    job.done.succeed(True)
+                else:
+                    job.prefill -= size
+                    if job.prefill > 0:
+                        self.queue.append(job)  # next chunk, behind what arrived meanwhile
+                    else:
+                        job.done.succeed(True)
+
+    def take(self) -> tuple[list[tuple[Job, int]], int, int]:
+        """The next pass, as the verifier's scheduler picks it: queue order, skipping (and
+        keeping in place) whatever does not fit the token budget, and at most one prefill
+        chunk's worth of prompt besides the job at the head."""
+        sc = self.sim.sc
+        budget, prefill_budget = sc.max_batch_tokens, sc.prefill_chunk
+        batch: list[tuple[Job, int]] = []
+        kept: deque[Job] = deque()
+        verify_tokens = prefill_tokens = 0
+        while self.queue:
+            job = self.queue.popleft()
+            size = job.tokens or min(job.prefill, sc.prefill_chunk)
+            prefill_ok = job.tokens > 0 or not batch or size <= prefill_budget
+            if (size <= budget or not batch) and prefill_ok:
+                batch.append((job, size))
+                budget -= size
+                if job.tokens:
+                    verify_tokens += size
+                    self.queued_verify -= 1
+                else:
+                    prefill_budget -= size
+                    prefill_tokens += size
+            else:
+                kept.append(job)
+        self.queue = kept
+        return batch, verify_tokens, prefill_tokens
+
+    def die(self) -> None:
+        """The process is gone: everything queued or running is lost, and each waiting
+        node notices when its timeout runs out."""
+        self.alive = False
+        self.died_at = self.sim.env.now
+        for job in list(self.queue) + self.running:
+            self.sim.fail_later(job, self.died_at + self.sim.sc.detect_timeout_s)
+        self.queue.clear()
+        self.queued_verify = 0
+        self.running = []
+
+
+class Link:
+    """A node's connection: a per-node mean one-way delay, per-message jitter, and
+    in-order delivery (a stream does not overtake itself)."""
+
+    def __init__(self, one_way_s: float):
+        self.one_way_s = one_way_s
+        self.last_arrival = 0.0
+
+
+@dataclass
+class Stream:
+    """A baseline user: its requests, served by one server."""
+
+    index: int
+    user_rtt_s: float
+    left: int | None
+    req: Request | None = None
+    needs_prefill: bool = True
+
+
+class Simulation:
+    """Builds the model for a scenario, runs it, returns the Result."""
+
+    def __init__(self, scenario: Scenario, cal: Calibration):
+        scenario.check()
+        self.sc = scenario
+        self.cal = cal.with_acceptance_scale(scenario.acceptance_scale)
+        self.env = simpy.Environment()
+        self.rng = random.Random(scenario.seed)
+        self.max_new = scenario.max_new_tokens or self.cal.max_new_tokens
+        self.prompt = scenario.prompt_tokens or self.cal.prompt_tokens
+        rtt_ms = self.cal.rtt_ms if scenario.rtt_ms is None else scenario.rtt_ms
+        self.rtt_s = rtt_ms / 1000
+        finite = scenario.requests_per_node is not None
+        w0 = 0.0 if finite else scenario.warmup_s
+        w1 = math.inf if finite else scenario.duration_s
+        self.rec = Recorder(w0, w1)
+        pmf = self.cal.accepted_pmf()
+        self.cdf = list(np.cumsum(pmf))
+        self.cdf[-1] = 1.0
+        self.depth = self.cal.depth
+        self.hit_q = self.cal.hit_given_full()
+        self.verifiers: list[Verifier] = []
+
+    # -- shared pieces ----------------------------------------------------------------
+
+    def draw_accepted(self) -> int:
+        return min(bisect.bisect_right(self.cdf, self.rng.random()), self.depth)
+
+    def node_rtt_s(self) -> float:
+        return self.rtt_s * lognormal_factor(self.rng, self.sc.rtt_spread)
+
+    def one_way(self, link: Link) -> float:
+        return link.one_way_s * lognormal_factor(self.rng, self.sc.net_jitter)
+
+    def draft_s(self) -> float:
+        return self.cal.draft_tree_ms * lognormal_factor(self.rng, self.sc.jitter) / 1000
+
+    def fail_later(self, job: Job, at: float) -> None:
+        """Tell the job's node, at `at`, that no verdict is coming."""
+        if job.done.triggered:
+            return
+        ev = self.env.timeout(max(0.0, at - self.env.now))
+        done = job.done
+        ev.callbacks.append(lambda _e: None if done.triggered else done.succeed(None))
+
+    def send(self, link: Link, verifier: Verifier, job: Job, at: float) -> None:
+        """The message leaves at `at` (now or later) and reaches `verifier` a one-way delay
+        after, never before the node's previous message."""
+        arrive = max(at + self.one_way(link), link.last_arrival)
+        link.last_arrival = arrive
+        ev = self.env.timeout(arrive - self.env.now)
+        ev.callbacks.append(lambda _e: verifier.submit(job))
+
+    def choose_verifier(self) -> Verifier:
+        """Least loaded by advertised open sessions (ties broken at random), or random."""
+        alive = [v for v in self.verifiers if v.alive]
+        if self.sc.choice == "random":
+            return self.rng.choice(alive)
+        low = min(v.sessions for v in alive)
+        best = [v for v in alive if v.sessions == low]
+        return best[0] if len(best) == 1 else self.rng.choice(best)
+
+    # -- SpecEdge ---------------------------------------------------------------------
+
+    def node(self, index: int) -> Generator[simpy.Event, Any, None]:
+        """One edge node: one stream of requests, drafting locally.
+
+        The node waits only for replies (session opened, verdict). What it does on its
+        own (drafting, a reply's way back) needs no event: `t` and `ready` are times it
+        computes ahead of the clock, and its next message is scheduled to leave then. That
+        halves the events per round, which is what lets 10,000 nodes run in seconds."""
+        env, cal, sc, rec = self.env, self.cal, self.sc, self.rec
+        link = Link(self.node_rtt_s() / 2)
+        t = self.rng.uniform(0.0, sc.start_spread_s) if sc.start_spread_s > 0 else env.now
+        left = sc.requests_per_node
+        tree = cal.tree_tokens
+        while left is None or left > 0:
+            if left is not None:
+                left -= 1
+            req = Request(start=t, prompt=self.prompt)
+            verifier, t = yield from self.open_session(link, req.prompt, t)
+            # Then the node prefills its own draft model and drafts the first tree.
+            ready = t + cal.draft_prefill_ms_per_token * req.prompt / 1000 + self.draft_s()
+            rec.edge(t, ready)
+            while req.generated < self.max_new:
+                job = Job(tree + 1, 0, env.event(), ready)  # the pending token + the tree
+                self.send(link, verifier, job, ready)
+                bet = self.draft_s() if sc.proactive else 0.0  # drafted while in flight
+                ok = yield job.done
+                if not ok:
+                    # The verifier is gone. Open a session elsewhere with everything accepted
+                    # so far and send the same tree again: nothing accepted is lost.
+                    rec.failovers += 1
+                    rec.edge(ready, min(ready + bet, env.now))
+                    verifier.sessions -= 1
+                    verifier, ready = yield from self.open_session(
+                        link, req.prompt + req.generated, env.now)
+                    continue
+                t = env.now + self.one_way(link)  # the verdict reaches the node
+                accepted = self.draw_accepted()
+                rec.round(accepted, tree)
+                rec.deliver(req, t, min(accepted + 1, self.max_new - req.generated))
+                if req.generated >= self.max_new:
+                    rec.edge(ready, min(ready + bet, t))  # the bet is dropped
+                    break
+                hit = False
+                if sc.proactive:
+                    rec.bets += 1
+                    hit = accepted == self.depth and self.rng.random() < self.hit_q
+                    rec.hits += hit
+                    rec.edge(ready, ready + bet if hit else min(ready + bet, t))
+                if hit:
+                    ready = max(t, ready + bet)
+                else:
+                    d = self.draft_s()
+                    rec.edge(t, t + d)
+                    ready = t + d
+            rec.finish(req)
+            verifier.sessions -= 1
+
+    def open_session(self, link: Link, tokens: int, at: float
+                     ) -> Generator[simpy.Event, Any, tuple[Verifier, float]]:
+        """OpenSession from `at`: pick a verifier, have it prefill `tokens`, hear back.
+        Tries the next verifier if this one turns out dead. Returns it and the time the
+        node hears that the session is ready."""
+        while True:
+            verifier = self.choose_verifier()
+            verifier.sessions += 1
+            job = Job(0, tokens, self.env.event(), at)
+            self.send(link, verifier, job, at)
+            ok = yield job.done
+            if ok:
+                return verifier, self.env.now + self.one_way(link)
+            self.rec.failovers += 1
+            verifier.sessions -= 1
+            at = self.env.now
+
+    def kill_verifiers(self, at: float, count: int) -> Generator[simpy.Event, Any, None]:
+        yield self.env.timeout(at)
+        for v in self.rng.sample(self.verifiers, count):
+            v.die()
+
+    # -- baselines --------------------------------------------------------------------
+
+    def next_request(self, s: Stream) -> None:
+        if s.left is not None and s.left <= 0:
+            s.req = None
+            return
+        if s.left is not None:
+            s.left -= 1
+        s.req = Request(start=self.env.now, prompt=self.prompt, extra_ttft=s.user_rtt_s)
+        s.needs_prefill = True
+
+    def server(self, streams: list[Stream]) -> Generator[simpy.Event, Any, None]:
+        """A baseline server: every active stream advances one pass at a time (up to the
+        token budget; the rest wait their turn), new streams are prefilled in the pass."""
+        env, cal, sc, rec = self.env, self.cal, self.sc, self.rec
+        ar = sc.mode == "autoregressive"
+        per_stream = 1 if ar else cal.tree_tokens + 1
+        cap = max(1, sc.max_batch_tokens // per_stream)
+        if sc.start_spread_s > 0:
+            starts = sorted((self.rng.uniform(0.0, sc.start_spread_s), s.index) for s in streams)
+        else:
+            starts = [(0.0, s.index) for s in streams]
+        by_index = {s.index: s for s in streams}
+        waiting = deque(by_index[i] for _, i in starts)
+        start_at = deque(t for t, _ in starts)
+        active: deque[Stream] = deque()
+        while active or waiting:
+            while start_at and start_at[0] <= env.now:
+                start_at.popleft()
+                s = waiting.popleft()
+                self.next_request(s)
+                if s.req is not None:
+                    s.req.start = max(s.req.start, env.now)
+                    active.append(s)
+            if not active:
+                yield env.timeout(start_at[0] - env.now)
+                continue
+            batch = [active.popleft() for _ in range(min(cap, len(active)))]
+            new = [s for s in batch if s.needs_prefill]
+            prefill = sum(s.req.prompt for s in new)
+            if ar:  # a new stream's prefill yields its first token: that is its step
+                ms = cal.prefill_ms_per_token * prefill + cal.ar_step_ms(len(batch) - len(new))
+            else:
+                ms = (cal.prefill_ms_per_token * prefill + cal.server_draft_ms(len(batch))
+                      + cal.verify_ms(len(batch) * per_stream))
+            start = env.now
+            yield env.timeout(ms * lognormal_factor(self.rng, sc.jitter) / 1000)
+            rec.server(start, env.now)
+            rec.batches += 1
+            rec.batch_tokens += len(batch) * per_stream + prefill
+            for s in batch:
+                s.needs_prefill = False
+                if ar:
+                    n = 1
+                else:
+                    accepted = self.draw_accepted()
+                    rec.round(accepted, cal.tree_tokens)
+                    n = accepted + 1
+                rec.deliver(s.req, env.now, min(n, self.max_new - s.req.generated))
+                if s.req.generated >= self.max_new:
+                    rec.finish(s.req)
+                    self.next_request(s)
+                if s.req is not None:
+                    active.append(s)
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self) -> Result:
+        sc, env = self.sc, self.env
+        t0 = time.perf_counter()
+        finite = sc.requests_per_node is not None
+        if sc.mode == "specedge":
+            self.verifiers = [Verifier(self, i) for i in range(sc.verifiers)]
+            for i in range(sc.nodes):
+                env.process(self.node(i))
+            dying = round(sc.fail_fraction * sc.verifiers)
+            if sc.fail_fraction > 0:
+                dying = min(max(1, dying), sc.verifiers - 1)
+            if dying:
+                at = sc.fail_at_s if sc.fail_at_s is not None else sc.duration_s / 2
+                env.process(self.kill_verifiers(at, dying))
+        else:
+            groups: list[list[Stream]] = [[] for _ in range(sc.verifiers)]
+            for i in range(sc.nodes):
+                rtt = self.node_rtt_s() if sc.user_rtt else 0.0
+                groups[i % sc.verifiers].append(Stream(i, rtt, sc.requests_per_node))
+            for g in groups:
+                if g:
+                    env.process(self.server(g))
+        if finite:
+            env.run()
+        else:
+            env.run(until=sc.duration_s)
+        return self.result(time.perf_counter() - t0)
+
+    def result(self, runtime_s: float) -> Result:
+        sc, rec, cal = self.sc, self.rec, self.cal
+        finite = sc.requests_per_node is not None
+        wall = rec.last_token_at if finite else sc.duration_s - sc.warmup_s
+        gaps_ms = np.concatenate([np.asarray(rec.gaps) * 1000, np.zeros(rec.zero_gaps)])
+        ttft_ms = np.asarray(rec.ttft) * 1000
+
+        def pct(a: np.ndarray, q: float) -> float:
+            return float(np.percentile(a, q)) if a.size else math.nan
+
+        tokens = rec.tokens
+        cost_usd = (rec.server_busy / 3600 * cal.price_server_usd_h
+                    + rec.edge_busy / 3600 * cal.price_edge_usd_h)
+        spec = sc.mode != "autoregressive"
+        eid = getattr(self.env, "_eid", None)
+        return Result(
+            mode=sc.mode,
+            nodes=sc.nodes,
+            verifiers=sc.verifiers,
+            tokens=tokens,
+            tokens_total=rec.tokens_total,
+            requests_done=len(rec.finished),
+            wall_s=wall,
+            server_busy_s=rec.server_busy,
+            edge_draft_s=rec.edge_busy,
+            server_throughput_tps=tokens / rec.server_busy if rec.server_busy else 0.0,
+            throughput_tps=tokens / wall if wall else 0.0,
+            itl_ms_p50=pct(gaps_ms, 50),
+            itl_ms_p95=pct(gaps_ms, 95),
+            itl_ms_mean=float(gaps_ms.mean()) if gaps_ms.size else math.nan,
+            ttft_ms_p50=pct(ttft_ms, 50),
+            ttft_ms_p95=pct(ttft_ms, 95),
+            cost_per_1m_tokens_usd=cost_usd / tokens * 1e6 if tokens else math.nan,
+            acceptance=rec.accepted / rec.drafted if spec and rec.drafted else None,
+            mean_accepted_length=rec.accepted / rec.rounds if spec and rec.rounds else None,
+            proactive_hit_rate=(rec.hits / rec.bets if sc.mode == "specedge" and rec.bets
+                                else None),
+            mean_batch_tokens=rec.batch_tokens / rec.batches if rec.batches else 0.0,
+            failovers=rec.failovers,
+            events=next(eid) if eid is not None else -1,
+            runtime_s=runtime_s,
+            per_request_tokens=list(rec.finished),
+        )
+
+
+def simulate(scenario: Scenario, cal: Calibration | None = None) -> Result:
+    """Run one scenario (with the default calibration unless one is given)."""
+    return Simulation(scenario, cal or Calibration.default()).run()
