@@ -1,0 +1,477 @@
+"""libp2p plumbing shared by the node, the verifier and the bootstrap peer.
+
+One place decides how a SpecEdge host is built and run, because py-libp2p's defaults
+are wrong for us (see notes/libp2p.md):
+
+- ``max_connections_per_peer=1``: otherwise every first connect waits a fixed 250 ms
+  happy-eyeballs timer; with it a loopback connect takes 4 to 9 ms.
+- Health monitoring with ``abort_connection_on_ping_failure``: without it a frozen peer
+  (SIGSTOP, a dead laptop lid) hangs every read on its streams forever; with it the
+  streams see EOF within a few seconds and sessions are reaped.
+- The DHT needs its routing table filled by hand after connecting to bootstrap peers.
+- Its loggers write raw lines through Python's fallback handler and some of its modules
+  log on the root logger: ``configure_logging`` filters them.
+- Ctrl-C in trio surfaces as an exception group and exit status 1: ``run_main`` and
+  ``StopSignal`` turn SIGINT/SIGTERM into an orderly stop and exit status 0.
+
+Typical use (the verifier daemon)::
+
+    async with running_host(key_pair, ["/ip4/0.0.0.0/tcp/4001"]) as host:
+        host.set_stream_handler(VERIFY_PROTOCOL, handler)
+        async with running_dht(host, bootstrap=addrs) as dht:
+            nursery.start_soon(provide_forever, dht, dht_key(model_id))
+            ...
+
+Nothing here imports model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+# Importing libp2p costs about 0.45 s; every user of this module needs it anyway.
+import libp2p
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+log = logging.getLogger("specedge.hosts")
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+DIAL_TIMEOUT = 10.0  # seconds for one connect (TCP + Noise + yamux)
+DHT_TIMEOUT = 15.0  # seconds for one provide / find_providers walk
+# Provider records live 48 h in py-libp2p and cannot be withdrawn; re-announcing every
+# few minutes keeps a record fresh on peers that joined (or restarted) since.
+REANNOUNCE_INTERVAL = 300.0
+# Health monitoring: a frozen peer's connection is aborted after a failed ping, so its
+# streams see EOF within about HEALTH_INTERVAL + PING_TIMEOUT seconds. The ping timeout
+# is not tighter because a host busy with a forward pass answers pings a little late.
+HEALTH_INTERVAL = 1.0
+PING_TIMEOUT = 2.0
+
+
+# ---------------------------------------------------------------------------- hosts
+
+
+def connection_config(*, health_monitoring: bool = True) -> ConnectionConfig:
+    """The connection settings every SpecEdge host uses (see the module docstring)."""
+    if not health_monitoring:
+        return ConnectionConfig(max_connections_per_peer=1)
+    return ConnectionConfig(
+        max_connections_per_peer=1,
+        enable_health_monitoring=True,
+        health_initial_delay=0.2,
+        health_warmup_window=0.0,
+        health_check_interval=HEALTH_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
+        abort_connection_on_ping_failure=True,
+    )
+
+
+def as_multiaddrs(addrs: Iterable[str | Multiaddr]) -> list[Multiaddr]:
+    """Parse multiaddr strings (ValueError with the bad one named)."""
+    out = []
+    for a in addrs:
+        if isinstance(a, Multiaddr):
+            out.append(a)
+            continue
+        try:
+            out.append(Multiaddr(a))
+        except Exception as exc:  # multiaddr raises its own error types
+            raise ValueError(f"not a multiaddr: {a!r} ({exc})") from None
+    return out
+
+
+def new_host(
+    key_pair: KeyPair,
+    listen_addrs: Sequence[str | Multiaddr] = (DEFAULT_LISTEN,),
+    *,
+    health_monitoring: bool = True,
+    mdns: bool = False,
+) -> IHost:
+    """A libp2p host (Noise, yamux, TCP) with our identity and connection settings.
+
+    It does not listen yet: run it with ``running_host`` or ``host.run(listen_addrs)``.
+    ``mdns``: also find peers on the LAN (it multicasts on every interface: keep it
+    off in tests unless inside a private network namespace).
+    """
+    return libp2p.new_host(
+        key_pair=key_pair,
+        listen_addrs=as_multiaddrs(listen_addrs),
+        connection_config=connection_config(health_monitoring=health_monitoring),
+        muxer_preference="YAMUX",
+        enable_mDNS=mdns,
+    )
+
+
+@asynccontextmanager
+async def running_host(
+    key_pair: KeyPair,
+    listen_addrs: Sequence[str | Multiaddr] = (DEFAULT_LISTEN,),
+    *,
+    health_monitoring: bool = True,
+    mdns: bool = False,
+) -> AsyncIterator[IHost]:
+    """A started host, listening on ``listen_addrs``; stopped on exit."""
+    addrs = as_multiaddrs(listen_addrs)
+    host = new_host(key_pair, addrs, health_monitoring=health_monitoring, mdns=mdns)
+    async with host.run(addrs):
+        yield host
+
+
+def peer_addrs(host: IHost) -> list[str]:
+    """The host's full multiaddrs, each ending in ``/p2p/<peer id>``, as strings."""
+    pid = host.get_id().to_base58()
+    out = []
+    for a in host.get_addrs():
+        text = str(a)
+        out.append(text if "/p2p/" in text else f"{text}/p2p/{pid}")
+    return out
+
+
+def parse_peer_addr(addr: str | Multiaddr) -> PeerInfo:
+    """PeerInfo of a full multiaddr (ValueError unless it ends in ``/p2p/<id>``)."""
+    try:
+        return info_from_p2p_addr(addr if isinstance(addr, Multiaddr) else Multiaddr(addr))
+    except Exception as exc:
+        raise ValueError(f"not a peer multiaddr (…/p2p/<peer id>): {addr!r} ({exc})") from None
+
+
+async def connect(
+    host: IHost, peer: str | Multiaddr | PeerInfo, *, timeout: float = DIAL_TIMEOUT
+) -> PeerInfo:
+    """Dial a peer (a full multiaddr or a PeerInfo) within ``timeout`` seconds.
+
+    Raises ``ConnectionError`` on failure or timeout, whatever libp2p raised inside.
+    """
+    info = peer if isinstance(peer, PeerInfo) else parse_peer_addr(peer)
+    try:
+        with trio.fail_after(timeout):
+            await host.connect(info)
+    except trio.TooSlowError:
+        raise ConnectionError(f"connect to {info.peer_id} timed out after {timeout:g} s") from None
+    except Exception as exc:  # SwarmException, OSError, handshake errors
+        raise ConnectionError(f"connect to {info.peer_id} failed: {exc}") from exc
+    return info
+
+
+async def connect_bootstrap(
+    host: IHost,
+    addrs: Iterable[str | Multiaddr],
+    *,
+    dht: KadDHT | None = None,
+    timeout: float = DIAL_TIMEOUT,
+) -> list[ID]:
+    """Dial every bootstrap peer concurrently; add the reachable ones to the DHT table.
+
+    A bootstrap peer that cannot be reached is logged and skipped: one dead entry in a
+    list must not stop a host from starting. Returns the ids connected to.
+    """
+    infos = []
+    for a in addrs:
+        try:
+            infos.append(parse_peer_addr(a))
+        except ValueError as exc:
+            log.warning("bootstrap: %s", exc)
+    connected: list[ID] = []
+
+    async def one(info: PeerInfo) -> None:
+        try:
+            await connect(host, info, timeout=timeout)
+        except ConnectionError as exc:
+            log.warning("bootstrap peer unreachable: %s", exc)
+            return
+        connected.append(info.peer_id)
+        if dht is not None:
+            await add_to_routing_table(dht, info.peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for info in infos:
+            nursery.start_soon(one, info)
+    return connected
+
+
+async def add_to_routing_table(dht: KadDHT, peer_id: ID) -> bool:
+    """Put a connected peer into the DHT's routing table (py-libp2p does not)."""
+    try:
+        with trio.move_on_after(DIAL_TIMEOUT):
+            return bool(await dht.routing_table.add_peer(peer_id))
+    except Exception as exc:  # the table checks the peer over the network
+        log.debug("routing table refused %s: %s", peer_id, exc)
+    return False
+
+
+# ---------------------------------------------------------------------------- DHT
+
+
+@asynccontextmanager
+async def running_dht(
+    host: IHost, *, server: bool = True, bootstrap: Iterable[str | Multiaddr] = ()
+) -> AsyncIterator[KadDHT]:
+    """A Kademlia DHT on a running host, after dialling ``bootstrap`` peers.
+
+    ``server``: answer other peers' DHT queries (verifiers and bootstrap peers do; a
+    node behind NAT may run as a client).
+    """
+    dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT)
+    async with background_trio_service(dht):
+        await connect_bootstrap(host, bootstrap, dht=dht)
+        yield dht
+
+
+async def provide_once(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -> bool:
+    """Announce this host as a provider of ``key``; False on failure (logged)."""
+    try:
+        with trio.move_on_after(timeout):
+            return bool(await dht.provide(key))
+        log.warning("DHT provide %s timed out", key)
+    except Exception as exc:  # network errors inside the DHT walk
+        log.warning("DHT provide %s failed: %s", key, exc)
+    return False
+
+
+async def provide_forever(
+    dht: KadDHT,
+    key: str,
+    *,
+    interval: float = REANNOUNCE_INTERVAL,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Announce ``key`` now and every ``interval`` seconds until cancelled.
+
+    ``task_status.started()`` fires after the first attempt, so a caller using
+    ``nursery.start`` knows the first announcement has been made (or failed).
+    """
+    await provide_once(dht, key)
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        await provide_once(dht, key)
+
+
+async def find_providers(
+    dht: KadDHT, key: str, *, count: int = 20, timeout: float = DHT_TIMEOUT
+) -> list[PeerInfo]:
+    """Providers of ``key``, each peer once, this host excluded; [] on failure.
+
+    Provider records cannot be withdrawn: a listed peer may be dead. Check liveness
+    (e.g. an advert query) before relying on one.
+    """
+    try:
+        with trio.move_on_after(timeout):
+            found = await dht.find_providers(key, count)
+            seen: dict[ID, PeerInfo] = {}
+            for info in found:
+                if info.peer_id != dht.host.get_id() and info.peer_id not in seen:
+                    seen[info.peer_id] = info
+            return list(seen.values())
+        log.warning("DHT find_providers %s timed out", key)
+    except Exception as exc:
+        log.warning("DHT find_providers %s failed: %s", key, exc)
+    return []
+
+
+# ---------------------------------------------------------------------------- process
+
+
+def write_announce_file(path: str | os.PathLike[str], addrs: Sequence[str]) -> None:
+    """Write the host's multiaddrs, one a line, atomically.
+
+    Whoever waits for the file (a test, a supervisor) sees it whole or not at all, so
+    the file appearing means "ready to serve".
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".announce-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(a + "\n" for a in addrs))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _QuietLibp2p(logging.Filter):
+    """Drop libp2p's records below ``level``, wherever they were logged.
+
+    Some libp2p modules log on the root logger, so filtering by logger name is not
+    enough: records are also recognised by the file they come from.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+        self.prefix = os.path.dirname(libp2p.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = record.name.startswith(("libp2p", "multiaddr", "async_service")) or (
+            record.pathname.startswith(self.prefix)
+        )
+        return record.levelno >= self.level or not noisy
+
+
+def configure_logging(verbose: int = 0, stream: object = None) -> None:
+    """One stderr handler: our INFO lines (DEBUG with -vv), libp2p's only at -vv.
+
+    libp2p logs a dozen harmless "Failed to read DHT message" errors per run and
+    more on every peer that disconnects; by default only its CRITICAL records show.
+    """
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose >= 0 else logging.WARNING
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_QuietLibp2p(logging.DEBUG if verbose >= 3 else logging.CRITICAL))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # libp2p's own loggers: nothing below WARNING is ever built unless asked for.
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if verbose >= 3 else logging.WARNING)
+    # No raw lines through the fallback handler (nor its "No handlers" complaint).
+    logging.lastResort = logging.NullHandler()
+
+
+class StopSignal:
+    """SIGINT/SIGTERM as an orderly stop.
+
+    The first signal sets ``event`` (the program stops accepting work, answers what is
+    in flight and returns); a second one cancels ``scope`` (the impatient Ctrl-C).
+    Run ``watch`` in a nursery: ``await nursery.start(stop.watch, nursery.cancel_scope)``.
+    """
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.signum: int | None = None
+
+    async def watch(
+        self,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if self.event.is_set():
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+                self.signum = signum
+                log.info("%s: stopping", signal.Signals(signum).name)
+                self.event.set()
+
+
+def run_main(async_fn: Callable[..., Awaitable[int | None]], *args: object) -> int:
+    """``trio.run`` for a CLI: exit status 0 after a signal-driven stop, 130 on a raw
+    KeyboardInterrupt (a signal before ``StopSignal.watch`` was installed)."""
+    try:
+        return int(trio.run(async_fn, *args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------- bootstrap peer
+
+
+async def run_bootstrap_peer(
+    key_pair: KeyPair,
+    listen_addrs: Sequence[str | Multiaddr] = (DEFAULT_LISTEN,),
+    *,
+    bootstrap: Sequence[str | Multiaddr] = (),
+    announce_file: str | os.PathLike[str] | None = None,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A DHT-only peer that helps nodes and verifiers find each other.
+
+    It serves the DHT (provider records) and nothing else. ``task_status.started``
+    gets its full multiaddrs; with ``announce_file`` they are also written there once
+    it serves. Returns when ``stop`` is set (forever without one).
+    """
+    stop = stop if stop is not None else trio.Event()
+    async with running_host(key_pair, listen_addrs) as host:
+        async with running_dht(host, server=True, bootstrap=bootstrap) as dht:
+            addrs = peer_addrs(host)
+            for a in addrs:
+                print(a, flush=True)
+            if announce_file is not None:
+                write_announce_file(announce_file, addrs)
+            task_status.started(addrs)
+            log.info("bootstrap peer %s serving the DHT", host.get_id().to_base58())
+
+            async def add_new_peers() -> None:
+                # Peers that dial us are put into the table, so they can find each other.
+                known: set[ID] = set()
+                while True:
+                    for pid in host.get_connected_peers():
+                        if pid not in known:
+                            known.add(pid)
+                            await add_to_routing_table(dht, pid)
+                    known &= set(host.get_connected_peers())
+                    await trio.sleep(0.5)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(add_new_peers)
+                await stop.wait()
+                nursery.cancel_scope.cancel()
+
+
+def add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``specedge bootstrap`` (shared so the CLI stays one line)."""
+    parser.add_argument("--listen", action="append", metavar="MULTIADDR",
+                        help=f"address to listen on (repeatable; default {DEFAULT_LISTEN})")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="another bootstrap peer to join (repeatable)")
+    parser.add_argument("--identity", metavar="PATH",
+                        help="identity key file (default: the 'bootstrap' key in the user "
+                        "data directory; created on first use)")
+    parser.add_argument("--announce-file", metavar="PATH",
+                        help="write the full multiaddrs here, one a line, once serving")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    """Run a bootstrap peer until SIGINT/SIGTERM; exit status 0."""
+    from specedge.protocol.identity import default_identity_path, load_or_create_identity
+
+    configure_logging(args.verbose)
+    key_pair = load_or_create_identity(args.identity or default_identity_path("bootstrap"))
+
+    async def main() -> None:
+        stopper = StopSignal()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stopper.watch, nursery.cancel_scope)
+            await run_bootstrap_peer(
+                key_pair, args.listen or [DEFAULT_LISTEN], bootstrap=args.bootstrap,
+                announce_file=args.announce_file, stop=stopper.event,
+            )
+            nursery.cancel_scope.cancel()
+
+    return run_main(main)
+
+
+def bootstrap_main(argv: list[str] | None = None) -> int:
+    """``python -m specedge.protocol.hosts``: the bootstrap peer on its own."""
+    parser = argparse.ArgumentParser(prog="specedge bootstrap",
+                                     description="Run a DHT-only SpecEdge bootstrap peer.")
+    add_bootstrap_args(parser)
+    return cmd_bootstrap(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(bootstrap_main())

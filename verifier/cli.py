@@ -1,0 +1,180 @@
+"""`specedge-verifier serve`: run a verifier host until SIGINT/SIGTERM (then exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+log = logging.getLogger("specedge.verifier")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from specedge.protocol.hosts import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
+    from specedge.protocol.limits import IDLE_TIMEOUT, MAX_TREE_TOKENS
+
+    parser = argparse.ArgumentParser(
+        prog="specedge-verifier",
+        description="SpecEdge verifier host: verifies drafts from many edge nodes in "
+        "batched forward passes of the target model and signs receipts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve verifications on the network")
+    p.add_argument("--model", required=True,
+                   help="target model: preset (tiny-test, qwen2.5-coder-1.5b), HF id, folder "
+                   "or .gguf")
+    p.add_argument("--model-id", help="model id announced and required in OpenSession "
+                   "(default: --model)")
+    p.add_argument("--revision", default="",
+                   help="model revision announced; sessions naming another are refused")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help=f"listen address (repeatable; default {DEFAULT_LISTEN})")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                   help="bootstrap peer to join the DHT through (repeatable)")
+    p.add_argument("--no-dht", action="store_true",
+                   help="do not join the DHT (direct dialling only)")
+    p.add_argument("--reannounce", type=float, default=REANNOUNCE_INTERVAL, metavar="SECONDS",
+                   help="DHT provider re-announce interval (default: %(default)s)")
+    p.add_argument("--identity", metavar="PATH",
+                   help="identity key file (default: the 'verifier' key in the user data "
+                   "directory; created on first use)")
+    p.add_argument("--ledger", metavar="URL",
+                   help="ledger database: SQLite path or URL, or postgresql://... (default: "
+                   "an SQLite file in the user data directory)")
+    p.add_argument("--spool-dir", metavar="PATH",
+                   help="where receipts wait while the ledger database is down (default: "
+                   "verifier-spool in the user data directory)")
+    p.add_argument("--no-ledger", action="store_true",
+                   help="do not write receipts to a ledger (benchmarks)")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics on http://127.0.0.1:N/metrics")
+    p.add_argument("--announce-file", metavar="PATH",
+                   help="write the full multiaddrs here, one a line, once ready to serve")
+    p.add_argument("--max-batch-tokens", type=int, default=1024, metavar="N",
+                   help="rows per forward pass, trees and prefill chunks together "
+                   "(default: %(default)s)")
+    p.add_argument("--max-tree-tokens", type=int, default=64, metavar="N",
+                   help=f"largest tree a request may carry (default: %(default)s; at most "
+                   f"{MAX_TREE_TOKENS} and below --max-batch-tokens)")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt rows prefilled per pass and session (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=64, metavar="N",
+                   help="sessions open at once (default: %(default)s)")
+    p.add_argument("--max-sessions-per-peer", type=int, default=16, metavar="N",
+                   help="sessions one peer may hold (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                   help="a session without a request this long is closed (default: "
+                   "%(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on shutdown, how long rounds in flight may still finish "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and compute dtype (default: float32, the bit-exact one)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: debug lines of the verifier; -vvv: libp2p's too")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from specedge.protocol.limits import MAX_BATCH_TOKENS, MAX_TREE_TOKENS
+
+    if not 2 <= args.max_batch_tokens <= MAX_BATCH_TOKENS:
+        raise ValueError(f"--max-batch-tokens must be in [2, {MAX_BATCH_TOKENS}]")
+    if not 1 <= args.max_tree_tokens <= min(MAX_TREE_TOKENS, args.max_batch_tokens - 1):
+        raise ValueError("--max-tree-tokens must be in [1, min(1024, --max-batch-tokens - 1)]")
+    if args.prefill_chunk < 1:
+        raise ValueError("--prefill-chunk must be positive")
+    if args.max_sessions < 1 or args.max_sessions_per_peer < 1:
+        raise ValueError("session limits must be positive")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import platformdirs
+    import torch
+    import trio
+
+    from specedge.models import load_model, vocab_size
+    from specedge.protocol import hosts
+    from specedge.protocol.identity import default_identity_path, load_or_create_identity
+    from specedge.verifier.engine import TargetEngine
+    from specedge.verifier.host import Verifier, VerifierConfig
+    from specedge.verifier.metrics import VerifierMetrics
+
+    hosts.configure_logging(args.verbose)
+    if args.verbose < 2:  # the ledger's migrations announce themselves at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    key_pair = load_or_create_identity(args.identity or default_identity_path("verifier"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
+    model, _tok = load_model(args.model, dtype, args.device)
+    engine = TargetEngine(model, prefill_chunk=min(args.prefill_chunk, args.max_batch_tokens))
+    log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
+             args.model, args.dtype, args.device, "reproduce" if engine.exact else
+             "may differ in the last bits from")
+    config = VerifierConfig(
+        model_id=args.model_id or args.model,
+        vocab_size=vocab_size(model),
+        max_context_tokens=int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20),
+        revision=args.revision,
+        listen=args.listen or [hosts.DEFAULT_LISTEN],
+        bootstrap=args.bootstrap,
+        max_batch_tokens=args.max_batch_tokens,
+        max_tree_tokens=args.max_tree_tokens,
+        max_sessions=args.max_sessions,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        idle_timeout=args.idle_timeout,
+        drain_timeout=args.drain_timeout,
+        announce_file=args.announce_file,
+        dht=not args.no_dht,
+        reannounce_interval=args.reannounce,
+    )
+    metrics = VerifierMetrics()
+    if args.metrics_port is not None:
+        port = metrics.serve(args.metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    ledger = None
+    if not args.no_ledger:
+        from specedge.ledger import SpoolingLedger
+
+        spool = Path(args.spool_dir) if args.spool_dir else (
+            platformdirs.user_data_path("specedge") / "verifier-spool")
+        ledger = SpoolingLedger(args.ledger, spool)
+        ledger.start_background_flush()
+    verifier = Verifier(engine, key_pair, config, ledger, metrics)
+
+    async def main() -> None:
+        stopper = hosts.StopSignal()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stopper.watch, nursery.cancel_scope)
+            await verifier.serve(stopper.event)
+            nursery.cancel_scope.cancel()
+
+    try:
+        return hosts.run_main(main)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from specedge.models import ModelError
+    from specedge.protocol.identity import IdentityError
+
+    try:
+        return args.func(args)
+    except (ModelError, IdentityError, ValueError) as exc:
+        print(f"specedge-verifier: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

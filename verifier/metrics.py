@@ -1,0 +1,89 @@
+"""Prometheus metrics of a verifier, in their own registry.
+
+Names follow vLLM's speculative-decoding counters where they fit
+(`..._spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens`,
+`..._num_accepted_tokens_per_pos`), so dashboards built for vLLM read them the same way.
+Served as Prometheus text on 127.0.0.1 only: the figures are for the operator, not for
+the peer-to-peer network (peers get the Advertisement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64, 128)
+_TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+MAX_POSITIONS = 32  # accepted-per-position labels kept up to this depth
+
+
+class VerifierMetrics:
+    """Every figure the daemon exports; one instance per process."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "specedge_"
+        self.sessions_open = Gauge(p + "sessions_open", "Sessions holding a KV cache",
+                                   registry=r)
+        self.sessions_opened = Counter(p + "sessions_opened", "Sessions opened", registry=r)
+        self.sessions_closed = Counter(p + "sessions_closed", "Sessions ended, by reason",
+                                       ["reason"], registry=r)
+        self.kv_cache_bytes = Gauge(p + "kv_cache_bytes", "Bytes held by session KV caches",
+                                    registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Jobs waiting for the engine", registry=r)
+        self.num_drafts = Counter(p + "spec_decode_num_drafts", "Verify requests answered",
+                                  registry=r)
+        self.num_draft_tokens = Counter(p + "spec_decode_num_draft_tokens",
+                                        "Draft tokens verified", registry=r)
+        self.num_accepted_tokens = Counter(p + "spec_decode_num_accepted_tokens",
+                                           "Draft tokens accepted (bonus tokens not counted)",
+                                           registry=r)
+        self.num_accepted_per_pos = Counter(
+            p + "spec_decode_num_accepted_tokens_per_pos",
+            "Requests whose accepted path reached this depth (0 = first draft token)",
+            ["position"], registry=r)
+        self.committed_tokens = Counter(p + "committed_tokens",
+                                        "Tokens committed to sessions (accepted + bonus)",
+                                        registry=r)
+        self.prefill_tokens = Counter(p + "prefill_tokens", "Prompt tokens prefilled",
+                                      registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Verify requests per forward pass",
+                                    buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_jobs = Histogram(p + "batch_jobs",
+                                    "Sessions per forward pass (verify and prefill)",
+                                    buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(p + "batch_tokens", "Rows forwarded per pass",
+                                      buckets=_TOKEN_BUCKETS, registry=r)
+        self.pass_seconds = Histogram(p + "pass_seconds", "Wall time of one forward pass",
+                                      buckets=_SECONDS_BUCKETS, registry=r)
+        self.busy_seconds = Counter(p + "engine_busy_seconds", "Time the engine spent in passes",
+                                    registry=r)
+        self.verify_latency = Histogram(p + "verify_latency_seconds",
+                                        "Verify request received to result sent",
+                                        buckets=_SECONDS_BUCKETS, registry=r)
+        self.errors = Counter(p + "errors", "Error frames sent, by code", ["code"], registry=r)
+        self.receipts = Counter(p + "receipts", "Receipts handed to the ledger, by outcome",
+                                ["status"], registry=r)
+
+    def record_pass(self, verify_jobs: int, jobs: int, tokens: int, seconds: float) -> None:
+        if verify_jobs:
+            self.batch_size.observe(verify_jobs)
+        self.batch_jobs.observe(jobs)
+        self.batch_tokens.observe(tokens)
+        self.pass_seconds.observe(seconds)
+        self.busy_seconds.inc(seconds)
+
+    def record_verdict(self, drafted: int, accepted: Sequence[int]) -> None:
+        self.num_drafts.inc()
+        self.num_draft_tokens.inc(drafted)
+        self.num_accepted_tokens.inc(len(accepted))
+        self.committed_tokens.inc(len(accepted) + 1)
+        for pos in range(min(len(accepted), MAX_POSITIONS)):
+            self.num_accepted_per_pos.labels(position=str(pos)).inc()
+
+    def serve(self, port: int) -> int:
+        """Serve /metrics on 127.0.0.1:`port` from a daemon thread; return the port."""
+        server, _thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        return int(server.server_port)

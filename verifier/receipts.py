@@ -1,0 +1,117 @@
+"""Receipts: signed by the verifier, sent to the node, written to the ledger.
+
+A receipt names the node's signed request by the digest of its exact envelope bytes,
+so the ledger row (receipt + request) proves both who asked and who answered.
+
+The ledger is written off the event loop by a few worker tasks, each calling the
+(blocking) ledger in a thread: `SpoolingLedger` keeps receipts on local disk while the
+database is down, and `Ledger.store_one` commits receipts that arrive together in one
+transaction, so several workers share fsyncs. On shutdown the queue is closed and the
+workers drain it before the process exits: a receipt answered to a node is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Protocol
+
+import trio
+from libp2p.crypto.keys import KeyPair
+
+from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.envelopes import request_digest, seal_receipt
+from specedge.protocol.limits import MAX_VERIFY_MICROS
+from specedge.verifier.metrics import VerifierMetrics
+
+log = logging.getLogger("specedge.verifier.receipts")
+
+WORKERS = 4
+
+
+def make_receipt(
+    key_pair: KeyPair,
+    *,
+    verifier_peer: str,
+    node_peer: str,
+    request: pb.VerifyRequest,
+    request_envelope: bytes,
+    accepted: int,
+    verify_seconds: float,
+    model_id: str,
+) -> bytes:
+    """The sealed Receipt envelope for one answered request.
+
+    verify_seconds: the request's share of its pass's compute time (passes are split
+    among their jobs in proportion to the rows each forwarded).
+    """
+    receipt = pb.Receipt(
+        verifier_peer_id=verifier_peer,
+        node_peer_id=node_peer,
+        session_id=request.session_id,
+        seq=request.seq,
+        request_sha256=request_digest(request_envelope),
+        drafted=len(request.tokens),
+        accepted=accepted,
+        verify_micros=min(max(round(verify_seconds * 1e6), 0), MAX_VERIFY_MICROS),
+        unix_ms=int(time.time() * 1000),
+        model_id=model_id,
+        draft_micros=request.draft_micros,
+    )
+    return seal_receipt(key_pair, receipt)
+
+
+class Ingest(Protocol):
+    def ingest(self, receipt_envelope: bytes, request_envelope: bytes) -> object: ...
+
+
+class ReceiptWriter:
+    """Queue of (receipt, request) pairs on their way to the ledger."""
+
+    def __init__(self, ledger: Ingest | None, metrics: VerifierMetrics | None = None) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes]](math.inf)
+        self.pending = 0
+
+    def submit(self, receipt_envelope: bytes, request_envelope: bytes) -> None:
+        """Hand a pair over; never blocks the caller."""
+        if self.ledger is None:
+            return
+        try:
+            self._send.send_nowait((receipt_envelope, request_envelope))
+            self.pending += 1
+        except trio.ClosedResourceError:  # after shutdown began: write it now, inline
+            self._write(receipt_envelope, request_envelope)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write until `close()` and the queue is empty."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(WORKERS):
+                nursery.start_soon(self._worker, self._receive.clone())
+            await self._receive.aclose()
+            task_status.started()
+
+    def close(self) -> None:
+        """No more receipts; `run` returns once the queued ones are written."""
+        self._send.close()
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel[tuple[bytes, bytes]]) -> None:
+        async with receive:
+            async for receipt_env, request_env in receive:
+                # Shielded: a receipt taken off the queue is written even during shutdown.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._write, receipt_env, request_env)
+                self.pending -= 1
+
+    def _write(self, receipt_env: bytes, request_env: bytes) -> None:
+        assert self.ledger is not None
+        try:
+            result = self.ledger.ingest(receipt_env, request_env)
+            status = getattr(result, "status", "stored")
+        except Exception as exc:  # ReceiptRejected or a database error the spool missed
+            log.error("ledger refused a receipt: %s", exc)
+            status = "failed"
+        if self.metrics is not None:
+            self.metrics.receipts.labels(status=status).inc()

@@ -1,0 +1,91 @@
+"""Sessions: one generation's state on this verifier, bound to one stream and one peer.
+
+A session lives exactly as long as its stream handler: the handler creates it after a
+valid OpenSession and removes it in its `finally`, whatever ended the stream (close,
+EOF, reset, a frozen peer cut off by the health monitor, the idle timeout, shutdown).
+That is the reaping: no session outlives the conversation that owns it, so there is
+no separate sweeper to race with.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from specedge.protocol.errors import ErrorCode, ProtocolError
+from specedge.protocol.limits import SESSION_ID_BYTES
+from specedge.verifier.engine import TargetState
+
+
+@dataclass
+class Session:
+    id: bytes
+    peer: str  # base58 peer id of the stream's remote end: the only allowed signer
+    state: TargetState
+    max_new_tokens: int
+    generated: int = 0  # tokens committed so far (accepted + bonus)
+    last_seq: int = 0  # last answered request's seq (0 before the first)
+    opened_at: float = field(default_factory=time.monotonic)
+    closed: bool = False  # set when the handler ends; the scheduler drops its queued work
+
+    @property
+    def tokens_left(self) -> int:
+        return self.max_new_tokens - self.generated
+
+
+class SessionTable:
+    """Open sessions and the slots reserved for sessions being opened.
+
+    Limits: `max_sessions` per host and `max_per_peer` per remote peer, counting
+    sessions still prefilling, so a burst of opens cannot oversubscribe memory.
+    Trio-thread only (no locking).
+    """
+
+    def __init__(self, max_sessions: int, max_per_peer: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_per_peer = max_per_peer
+        self.sessions: dict[bytes, Session] = {}
+        self._reserved: dict[str, int] = {}  # peer -> slots held (open + opening)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def free_slots(self) -> int:
+        return max(self.max_sessions - sum(self._reserved.values()), 0)
+
+    def reserve(self, peer: str) -> None:
+        """Hold a slot for a session `peer` is opening (OVERLOADED when none is left)."""
+        if self.free_slots <= 0:
+            raise ProtocolError(ErrorCode.OVERLOADED,
+                                f"all {self.max_sessions} session slots are taken; "
+                                "try another verifier")
+        if self._reserved.get(peer, 0) >= self.max_per_peer:
+            raise ProtocolError(ErrorCode.OVERLOADED,
+                                f"this peer already holds {self.max_per_peer} sessions here")
+        self._reserved[peer] = self._reserved.get(peer, 0) + 1
+
+    def release(self, peer: str) -> None:
+        """Give back a slot held by `reserve` (after close or a failed open)."""
+        left = self._reserved.get(peer, 0) - 1
+        if left > 0:
+            self._reserved[peer] = left
+        else:
+            self._reserved.pop(peer, None)
+
+    def add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        """Forget a session: its KV cache is freed with the last reference to it."""
+        session.closed = True
+        self.sessions.pop(session.id, None)
+
+    def kv_bytes(self) -> int:
+        return sum(s.state.kv_bytes() for s in self.sessions.values())
+
+
+def new_session_id() -> bytes:
+    """16 random bytes: unguessable, so a session id is no handle for strangers."""
+    return os.urandom(SESSION_ID_BYTES)
