@@ -88,6 +88,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    """A DHT-only peer: it helps nodes and verifiers find each other and does nothing else."""
+    from specedge.protocol.hosts import cmd_bootstrap as run_bootstrap
+
+    return run_bootstrap(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from specedge.demo import run_demo
+
+    return run_demo(tiny=args.tiny, max_tokens=args.max_new_tokens, dtype=args.dtype,
+                    timeout=args.timeout)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """The benchmarks live in the source checkout's bench/ folder, beside this package."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "run.py").is_file():
+        raise ValueError("specedge bench needs a source checkout (bench/ beside specedge/): "
+                         "git clone the project and run `make demo` or `pip install -e .`")
+    sys.path.insert(0, str(root))
+    from bench.run import main as bench_main
+
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specedge",
@@ -102,14 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-proactive", action="store_true",
                      help="do not draft the next tree while a verification is pending")
     gen.set_defaults(func=cmd_generate)
+    from specedge.protocol.hosts import add_bootstrap_args
+
+    boot = sub.add_parser("bootstrap", help="run a DHT-only peer that nodes and verifiers "
+                          "bootstrap from (what a network operator runs on a public address)")
+    add_bootstrap_args(boot)
+    boot.set_defaults(func=cmd_bootstrap)
+
+    demo = sub.add_parser("demo", help="start a verifier and two nodes on loopback and stream "
+                          "a few generations (the demo pair; --tiny for the test pair)")
+    demo.add_argument("--tiny", action="store_true",
+                      help="use the tiny-test pair (no model preparation; seconds, not minutes)")
+    demo.add_argument("--max-new-tokens", type=int, default=96, help="default: %(default)s")
+    demo.add_argument("--dtype", choices=DTYPES, default=None,
+                      help="default: bfloat16 for the demo pair, float32 for --tiny")
+    demo.add_argument("--timeout", type=float, default=900.0,
+                      help="seconds to wait for processes and generations (default: 900)")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", add_help=False,
+                           help="autoregressive vs server-only speculative vs SpecEdge, "
+                           "measured in one run (`specedge bench --help` for options)")
+    bench.set_defaults(func=None)  # main() hands everything after "bench" to bench.run
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     from specedge.models import ModelError
 
     try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ModelError, ValueError) as exc:
         print(f"specedge: error: {exc}", file=sys.stderr)

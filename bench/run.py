@@ -1,0 +1,504 @@
+"""`specedge bench`: autoregressive vs server-only speculative vs SpecEdge, one machine, one run.
+
+For K concurrent streams (1, 2, 4, 8; `--quick`: 1 and 4) over the committed prompt set:
+
+- autoregressive: the target decodes every stream on the server, batched;
+- server_only: draft and target both on the server, batched (`bench.serving`);
+- specedge: a real `specedge-verifier` process on the server cores and a real
+  `specedge-node join` process on the node cores, driven through the node's
+  OpenAI-compatible API by K concurrent clients.
+
+Server work and node work are pinned to separate cores (`--server-cores`, `--node-cores`;
+torch uses as many threads as the process has cores). Server throughput is tokens per
+second of server busy time: the engine's pass time (the verifier's
+`engine_busy_seconds`, or the in-process pass times), so it does not depend on what the
+node cores are doing. Cost per 1M tokens uses the ledger's price table: server busy
+hours at the server price plus edge drafting hours (the receipts' draft_micros) at the
+edge price.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.prompts import prompt_set
+from specedge.ledger.accounting import Prices
+
+MODES = ("autoregressive", "server_only", "specedge")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_cores(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def pinned(cores: list[int], argv: list[str]) -> list[str]:
+    if shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", ",".join(map(str, cores)), *argv]
+
+
+def thread_env(cores: list[int]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(len(cores)), MKL_NUM_THREADS=str(len(cores)),
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    pos = (len(values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def cost_per_million(server_s: float, edge_s: float, tokens: int, prices: Prices) -> float:
+    dollars = (server_s * prices.server_usd_per_hour + edge_s * prices.edge_usd_per_hour) / 3600
+    return round(dollars / max(tokens, 1) * 1e6, 4)
+
+
+# -- server-side baselines --------------------------------------------------------------
+
+def run_server_mode(mode: str, k: int, args: argparse.Namespace, prompts_file: Path) -> dict:
+    argv = [sys.executable, "-m", "bench.serving", "--mode", mode, "--streams", str(k),
+            "--target-model", args.target_model, "--draft-model", args.draft_model,
+            "--dtype", args.dtype, "--device", args.device, "--chain", str(args.chain),
+            "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(prompts_file)]
+    res = subprocess.run(pinned(args.server_cores, argv), capture_output=True, text=True,
+                         cwd=REPO, env=thread_env(args.server_cores), timeout=args.timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{mode} K={k} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# -- SpecEdge: real verifier and node processes -------------------------------------------
+
+class Network:
+    """A verifier process and a node process on loopback, stopped on exit."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.ledger_url = f"sqlite:///{workdir / 'verifier-ledger.sqlite3'}"
+        self.metrics_port = free_port()
+        self.api_port = free_port()
+
+    def __enter__(self) -> Network:
+        a = self.args
+        announce = self.workdir / "verifier.addrs"
+        self.start([
+            "specedge-verifier", "serve", "--model", a.target_model, "--dtype", a.dtype,
+            "--device", a.device, "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--announce-file", str(announce), "--identity", str(self.workdir / "verifier.key"),
+            "--ledger", self.ledger_url, "--metrics-port", str(self.metrics_port),
+        ], a.server_cores, "verifier")
+        addr = wait_for_file(announce, a.timeout, self.procs[-1]).splitlines()[0]
+        node_announce = self.workdir / "node.addrs"
+        node_args = [
+            "specedge-node", "join", "--verifier", addr, "--target-model", a.target_model,
+            "--draft-model", a.draft_model, "--dtype", a.dtype,
+            "--api", f"127.0.0.1:{self.api_port}", "--no-status",
+            "--identity", str(self.workdir / "node.key"),
+            "--ledger", str(self.workdir / "node-ledger.sqlite3"),
+            "--tree", f"chain:{a.chain}", "--announce-file", str(node_announce),
+        ]
+        if a.no_proactive:
+            node_args.append("--no-proactive")
+        self.start(node_args, a.node_cores, "node")
+        wait_for_file(node_announce, a.timeout, self.procs[-1])
+        return self
+
+    def start(self, argv: list[str], cores: list[int], name: str) -> None:
+        exe = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])
+        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.procs.append(subprocess.Popen(pinned(cores, [exe, *argv[1:]]), stdout=log,
+                                           stderr=subprocess.STDOUT, env=thread_env(cores)))
+
+    def __exit__(self, *exc: object) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                key = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()))
+                out[key] = s.value
+        return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_file(path: Path, timeout: float, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see its log")
+        time.sleep(0.2)
+    raise RuntimeError(f"{path} did not appear within {timeout} s")
+
+
+def metric(m: dict[str, float], name: str) -> float:
+    return sum(v for k, v in m.items() if k.split("|")[0] == name)
+
+
+def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argparse.Namespace,
+                 prices: Prices) -> dict:
+    from specedge.ledger import open_ledger
+
+    before = net.metrics()
+    since_ms = int(time.time() * 1000)
+    todo: queue.Queue = queue.Queue()
+    for i, m in enumerate(messages):
+        todo.put((i, m))
+    results: dict[int, dict] = {}
+    errors: list[str] = []
+    url = f"http://127.0.0.1:{net.api_port}/v1/chat/completions"
+
+    def client() -> None:
+        with httpx.Client(timeout=args.timeout) as http:
+            while True:
+                try:
+                    i, m = todo.get_nowait()
+                except queue.Empty:
+                    return
+                r = http.post(url, json={"model": args.target_model, "messages": m,
+                                         "max_tokens": args.max_new_tokens, "temperature": 0})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:300]}")
+                    continue
+                results[i] = r.json()["specedge"]
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"specedge K={k}: {len(errors)} requests failed: {errors[0]}")
+    rounds = sum(r["rounds"] for r in results.values())
+    # The verifier hands receipts to its ledger off the hot path: wait for all of them.
+    ledger = open_ledger(net.ledger_url)
+    deadline = time.monotonic() + 60
+    while True:
+        rows = ledger.receipts(since_ms=since_ms - 1000, limit=10**7)
+        if len(rows) >= rounds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ledger.close()
+    after = net.metrics()
+    d = {name: metric(after, name) - metric(before, name) for name in (
+        "specedge_engine_busy_seconds_total",
+        "specedge_spec_decode_num_drafts_total",
+        "specedge_spec_decode_num_draft_tokens_total",
+        "specedge_spec_decode_num_accepted_tokens_total")}
+    busy = d["specedge_engine_busy_seconds_total"]
+    tokens = sum(len(r["token_ids"]) for r in results.values())
+    edge_s = sum(r.draft_micros for r in rows) / 1e6
+    hits = sum(r["proactive_hits"] for r in results.values())
+    bets = sum(r["proactive_bets"] for r in results.values())
+    drafted = d["specedge_spec_decode_num_draft_tokens_total"]
+    accepted = d["specedge_spec_decode_num_accepted_tokens_total"]
+    drafts = d["specedge_spec_decode_num_drafts_total"]
+    ttft = [r["time_to_first_token_ms"] for r in results.values() if r["time_to_first_token_ms"]]
+    itl = [r["inter_token_latency_ms"] for r in results.values() if r["inter_token_latency_ms"]]
+    return {
+        "mode": "specedge", "streams": k, "requests": len(results), "tokens": tokens,
+        "server_busy_s": round(busy, 4), "wall_s": round(wall, 4),
+        "edge_draft_s": round(edge_s, 4),
+        "server_throughput_tps": round(tokens / busy, 3) if busy else None,
+        "throughput_tps": round(tokens / wall, 3),
+        "itl_ms_p50": percentile(itl, 0.5), "itl_ms_p95": percentile(itl, 0.95),
+        "ttft_ms_p50": percentile(ttft, 0.5),
+        "acceptance": round(accepted / drafted, 4) if drafted else None,
+        "mean_accepted_length": round(accepted / drafts, 4) if drafts else None,
+        "proactive_hit_rate": round(hits / bets, 4) if bets else None,
+        "cost_per_1m_tokens_usd": cost_per_million(busy, edge_s, tokens, prices),
+        "draft_tree_ms": round(edge_s * 1000 / max(len(rows), 1), 3),
+        "token_ids": {str(i): r["token_ids"] for i, r in results.items()},
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "device": device, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+
+
+def agreement(modes: dict[str, dict[str, dict]]) -> dict[str, str]:
+    """How many prompts each mode answered exactly as autoregressive did (per K)."""
+    out = {}
+    for mode in ("server_only", "specedge"):
+        for k, row in modes.get(mode, {}).items():
+            ref = modes["autoregressive"].get(k, {}).get("token_ids", {})
+            ids = row.get("token_ids", {})
+            same = sum(1 for i, t in ids.items() if ref.get(i) == t)
+            out[f"{mode}/K={k}"] = f"{same}/{len(ids)}"
+    return out
+
+
+def calibration(modes: dict, args: argparse.Namespace, prices: Prices, prompt_tokens: float,
+                samples: dict) -> dict:
+    spec = modes.get("specedge", {})
+    so = modes.get("server_only", {})
+    hist = samples.get("accepted_length_hist", [])
+    draft_tree = [row["draft_tree_ms"] for row in spec.values() if row.get("draft_tree_ms")]
+    so_draft = [row["server_draft_busy_s"] * 1000 / max(row.get("rounds", 1), 1)
+                for row in so.values() if row.get("rounds")]
+    return {
+        "draft_forward_ms": round(min(draft_tree) / args.chain, 3) if draft_tree else None,
+        "draft_tree_ms": round(min(draft_tree), 3) if draft_tree else None,
+        "server_draft_tree_ms": round(min(so_draft), 3) if so_draft else None,
+        "verify_ms": samples["verify_ms"],
+        "ar_step_ms": samples["ar_step_ms"],
+        "rtt_ms": samples.get("rtt_ms", 1.0),
+        "accepted_length_hist": hist,
+        "proactive_hit_rate": next((r["proactive_hit_rate"] for r in spec.values()
+                                    if r.get("proactive_hit_rate") is not None), 0.0),
+        "tree_tokens": args.chain,
+        "prompt_tokens": round(prompt_tokens, 1),
+        "prefill_ms_per_token": samples.get("prefill_ms_per_token"),
+        "prices_usd_per_hour": {"server": prices.server_usd_per_hour,
+                                "edge": prices.edge_usd_per_hour},
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({int(k) for rows in report["modes"].values() for k in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, field, label in zip(axes, ["server_throughput_tps", "itl_ms_p50",
+                                       "cost_per_1m_tokens_usd"],
+                                ["server throughput (tokens / server-busy s)",
+                                 "inter-token latency p50 (ms)", "cost ($ / 1M tokens)"],
+                                strict=True):
+        width = 0.27
+        for j, mode in enumerate(MODES):
+            rows = report["modes"].get(mode, {})
+            vals = [rows.get(str(k), {}).get(field) or 0 for k in ks]
+            ax.bar([i + (j - 1) * width for i in range(len(ks))], vals, width, label=mode)
+        ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
+        ax.set_title(label, fontsize=9)
+    axes[0].legend(fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"{cfg['target_model']} / {cfg['draft_model']} ({cfg['dtype']}) on "
+                 f"{report['machine']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="specedge bench")
+    for col in ["mode", "K", "tokens", "server busy s", "server tok/s", "wall tok/s",
+                "ITL p50 ms", "ITL p95 ms", "TTFT p50 ms", "accept", "acc len", "hits",
+                "$/1M"]:
+        table.add_column(col, justify="right")
+    fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for mode in MODES:
+        for k, r in sorted(report["modes"].get(mode, {}).items(), key=lambda x: int(x[0])):
+            table.add_row(mode, k, str(r["tokens"]), fmt(r["server_busy_s"], 2),
+                          fmt(r["server_throughput_tps"], 2), fmt(r["throughput_tps"], 2),
+                          fmt(r["itl_ms_p50"]), fmt(r["itl_ms_p95"]), fmt(r["ttft_ms_p50"]),
+                          fmt(r["acceptance"], 3), fmt(r["mean_accepted_length"], 2),
+                          fmt(r["proactive_hit_rate"], 3), fmt(r["cost_per_1m_tokens_usd"], 2))
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    for name, per_k in report["ratios"].items():
+        console.print(f"{name}: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in per_k.items()))
+    console.print(f"outputs equal to autoregressive: {report['outputs_equal_to_autoregressive']}")
+
+
+def ratios(modes: dict) -> dict:
+    out: dict[str, dict[str, float]] = {}
+    spec = modes.get("specedge", {})
+    for base in ("server_only", "autoregressive"):
+        per_k = {}
+        for k, row in spec.items():
+            other = modes.get(base, {}).get(k)
+            if other and other.get("server_throughput_tps") and row.get("server_throughput_tps"):
+                per_k[k] = round(row["server_throughput_tps"] / other["server_throughput_tps"], 3)
+        out[f"specedge_vs_{base}"] = per_k
+    cost = {}
+    itl = {}
+    for k, row in spec.items():
+        other = modes.get("server_only", {}).get(k)
+        if other:
+            cost[k] = round(other["cost_per_1m_tokens_usd"] / row["cost_per_1m_tokens_usd"], 3)
+            if other.get("itl_ms_p50") and row.get("itl_ms_p50"):
+                itl[k] = round(1 - row["itl_ms_p50"] / other["itl_ms_p50"], 4)
+    out["cost_efficiency_vs_server_only"] = cost
+    out["itl_reduction_vs_server_only"] = itl
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="specedge bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one prompt per kind, K = 1 and 4")
+    ap.add_argument("--streams", default=None, help="comma-separated K values (default 1,2,4,8)")
+    ap.add_argument("--json", type=Path, help="write the full report here")
+    ap.add_argument("--plot", type=Path, help="write a PNG of the main figures here")
+    ap.add_argument("--target-model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (for every process)")
+    ap.add_argument("--chain", type=int, default=4, help="draft chain length (default 4)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--server-cores", type=parse_cores, default=None,
+                    help="cores for server work, e.g. 0 or 0-7 (default: first half)")
+    ap.add_argument("--node-cores", type=parse_cores, default=None,
+                    help="cores for node work (default: second half)")
+    ap.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
+    ap.add_argument("--no-proactive", action="store_true", help="nodes draft only on demand")
+    ap.add_argument("--timeout", type=float, default=1800, help="per-run limit in seconds")
+    args = ap.parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(len(cores) // 2, 1)
+    args.server_cores = args.server_cores or cores[:half]
+    args.node_cores = args.node_cores or (cores[half:] or cores[:1])
+    ks = [int(x) for x in (args.streams or ("1,4" if args.quick else "1,2,4,8")).split(",")]
+    modes_wanted = [m for m in args.modes.split(",") if m]
+    prices = Prices()
+
+    from specedge.models import load_model
+
+    print(f"preparing {args.target_model} / {args.draft_model} ...", file=sys.stderr)
+    _, tok = load_model(args.draft_model, dtype=getattr(__import__("torch"), args.dtype))
+    load_model(args.target_model, dtype=getattr(__import__("torch"), args.dtype))
+    prompts = prompt_set(args.quick)
+    messages = [m for _, m in prompts]
+    ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]) for m in messages]
+    report: dict = {
+        "machine": machine(),
+        "config": {"draft_model": args.draft_model, "target_model": args.target_model,
+                   "dtype": args.dtype, "tree": f"chain:{args.chain}",
+                   "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
+                   "prompt_kinds": sorted({k for k, _ in prompts}),
+                   "server_cores": args.server_cores, "node_cores": args.node_cores,
+                   "streams": ks, "proactive": not args.no_proactive},
+        "modes": {},
+    }
+    samples: dict = {"verify_ms": {"batch_tokens": [], "ms": []},
+                     "ar_step_ms": {"batch": [], "ms": []}}
+    with tempfile.TemporaryDirectory(prefix="specedge-bench-") as tmp:
+        work = Path(tmp)
+        prompts_file = work / "prompts.json"
+        prompts_file.write_text(json.dumps(ids))
+        for mode in ("autoregressive", "server_only"):
+            if mode not in modes_wanted:
+                continue
+            for k in ks:
+                print(f"{mode} K={k} ...", file=sys.stderr)
+                row = run_server_mode(mode, k, args, prompts_file)
+                row["cost_per_1m_tokens_usd"] = cost_per_million(row["server_busy_s"], 0.0,
+                                                                 row["tokens"], prices)
+                vs = row.pop("verify_samples")
+                if mode == "server_only":
+                    for rows, ms in vs:
+                        samples["verify_ms"]["batch_tokens"].append(rows)
+                        samples["verify_ms"]["ms"].append(round(ms, 3))
+                else:
+                    for rows, ms in vs:
+                        samples["ar_step_ms"]["batch"].append(rows)
+                        samples["ar_step_ms"]["ms"].append(round(ms, 3))
+                report["modes"].setdefault(mode, {})[str(k)] = row
+        if "specedge" in modes_wanted:
+            with Network(args, work) as net:
+                for k in ks:
+                    print(f"specedge K={k} ...", file=sys.stderr)
+                    row = run_specedge(net, k, messages, args, prices)
+                    report["modes"].setdefault("specedge", {})[str(k)] = row
+                hist = accepted_hist(net.metrics())
+        else:
+            hist = []
+    samples["accepted_length_hist"] = hist
+    report["ratios"] = ratios(report["modes"])
+    report["outputs_equal_to_autoregressive"] = agreement(report["modes"])
+    report["calibration"] = calibration(report["modes"], args, prices,
+                                        sum(map(len, ids)) / len(ids), samples)
+    for rows in report["modes"].values():
+        for row in rows.values():
+            row.pop("token_ids", None)
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+def accepted_hist(m: dict[str, float]) -> list[int]:
+    """Rounds with 0, 1, 2, ... accepted drafts, from the per-position acceptance counter."""
+    drafts = int(metric(m, "specedge_spec_decode_num_drafts_total"))
+    per_pos: dict[int, int] = {}
+    for key, v in m.items():
+        name, *labels = key.split("|")
+        if name == "specedge_spec_decode_num_accepted_tokens_per_pos_total":
+            pos = int(dict(lbl.split("=", 1) for lbl in labels)["position"])
+            per_pos[pos] = int(v)
+    at_least = [drafts] + [per_pos.get(i, 0) for i in range(max(per_pos, default=-1) + 1)]
+    return [at_least[i] - (at_least[i + 1] if i + 1 < len(at_least) else 0)
+            for i in range(len(at_least))]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

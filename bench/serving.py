@@ -1,0 +1,250 @@
+"""Server-side baselines, run in one process pinned to the server's cores.
+
+- autoregressive: K streams decode one token per target pass, batched.
+- server_only: K streams whose drafts are made on the server too: each round, the draft
+  model extends every stream's chain one token per batched pass, then one batched
+  target pass verifies every stream's chain. The server is busy for both.
+
+Both use the verifier's packed multi-session engine, so they batch exactly as the
+SpecEdge verifier does. Each stream takes prompts from a shared queue until it is empty.
+Run by `bench.run`; prints one JSON object (see `ModeResult`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge import kvcache
+from specedge.models import load_model
+from specedge.sampling import SamplingParams
+from specedge.text import eos_ids
+from specedge.verifier.engine import PrefillJob, TargetEngine, TargetState, VerifyJob
+
+GREEDY = SamplingParams()
+
+
+@dataclass
+class Request:
+    index: int
+    prompt: list[int]
+    started: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class Stream:
+    """One user stream on the server: its current request and its model states."""
+
+    request: Request | None = None
+    target: TargetState | None = None
+    draft: TargetState | None = None
+    drafted: int = 0  # draft tokens of the current round (server_only)
+
+
+@dataclass
+class Totals:
+    busy_s: float = 0.0  # sum of pass times: the server's compute
+    draft_busy_s: float = 0.0
+    passes: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_samples: list[tuple[int, float]] = field(default_factory=list)  # (rows, ms)
+
+
+def _take(req: Request, new: Sequence[int], now: float, limit: int, stop: set[int]) -> None:
+    for tok in new:
+        if req.done:
+            return
+        req.tokens.append(int(tok))
+        req.token_times.append(now)
+        req.done = int(tok) in stop or len(req.tokens) >= limit
+
+
+def _assign(streams: list[Stream], queue: deque[tuple[int, list[int]]], target: TargetEngine,
+            draft: TargetEngine | None) -> None:
+    for s in streams:
+        if (s.request is None or s.request.done) and queue:
+            index, prompt = queue.popleft()
+            s.request = Request(index, prompt, time.perf_counter())
+            s.target = target.new_state(prompt, GREEDY)
+            s.draft = draft.new_state(prompt, GREEDY) if draft else None
+        elif s.request is not None and s.request.done:
+            s.request = s.target = s.draft = None
+
+
+def _run(engine: TargetEngine, jobs: list, totals: Totals, draft: bool = False) -> list:
+    if not jobs:
+        return []
+    res = engine.run(jobs)
+    totals.busy_s += res.seconds
+    totals.passes += 1
+    if draft:
+        totals.draft_busy_s += res.seconds
+    else:
+        totals.verify_samples.append((res.tokens, res.seconds * 1000))
+    return res.verdicts
+
+
+def autoregressive(target: TargetEngine, prompts: list[list[int]], k: int, max_new: int,
+                   stop: set[int], finished: list[Request], totals: Totals) -> None:
+    queue = deque(enumerate(prompts))
+    streams = [Stream() for _ in range(k)]
+    while True:
+        _assign(streams, queue, target, None)
+        live = [s for s in streams if s.request is not None]
+        if not live:
+            return
+        jobs = []
+        for s in live:
+            job = target.next_prefill(s.target) or VerifyJob(s.target, [], [])
+            jobs.append(job)
+        verdicts = _run(target, jobs, totals)
+        now = time.perf_counter()
+        for s, job, v in zip(live, jobs, verdicts, strict=True):
+            if isinstance(job, VerifyJob):
+                _take(s.request, v.new_tokens, now, max_new, stop)
+                if s.request.done:
+                    finished.append(s.request)
+
+
+def _draft_step(draft: TargetEngine, streams: list[Stream], totals: Totals) -> None:
+    """One batched draft pass: catch-up prefill where needed, else one greedy token."""
+    jobs = []
+    for s in streams:
+        jobs.append(draft.next_prefill(s.draft) or VerifyJob(s.draft, [], []))
+    verdicts = _run(draft, jobs, totals, draft=True)
+    for s, job in zip(streams, jobs, strict=True):
+        if isinstance(job, VerifyJob):
+            s.drafted += 1
+    del verdicts
+
+
+def _rewind(draft: TargetEngine, s: Stream) -> None:
+    """Make the draft state's tokens the target's committed tokens again, keeping the
+    cache rows that still match."""
+    committed = s.target.tokens
+    have = s.draft.tokens
+    common = 0
+    limit = min(s.draft.cached, len(committed) - 1)
+    while common < limit and have[common] == committed[common]:
+        common += 1
+    kvcache.keep_rows(s.draft.cache, range(common))
+    s.draft.tokens = list(committed)
+    s.drafted = 0
+
+
+def server_only(target: TargetEngine, draft: TargetEngine, prompts: list[list[int]], k: int,
+                max_new: int, chain: int, stop: set[int], finished: list[Request],
+                totals: Totals) -> None:
+    queue = deque(enumerate(prompts))
+    streams = [Stream() for _ in range(k)]
+    while True:
+        _assign(streams, queue, target, draft)
+        live = [s for s in streams if s.request is not None]
+        if not live:
+            return
+        # Prefill new streams on the target (chunks), then draft for the ready ones.
+        filling = [s for s in live if not s.target.prefilled]
+        ready = [s for s in live if s.target.prefilled]
+        while ready and min(s.drafted for s in ready) < chain:
+            _draft_step(draft, [s for s in ready if s.drafted < chain], totals)
+        jobs, owners = [], []
+        for s in filling:
+            jobs.append(target.next_prefill(s.target))
+            owners.append(s)
+        for s in ready:
+            base = len(s.target.tokens)
+            tokens = s.draft.tokens[base : base + chain]
+            jobs.append(VerifyJob(s.target, tokens, list(range(-1, len(tokens) - 1))))
+            owners.append(s)
+        verdicts = _run(target, jobs, totals)
+        now = time.perf_counter()
+        for s, job, v in zip(owners, jobs, verdicts, strict=True):
+            if isinstance(job, PrefillJob):
+                continue
+            totals.rounds += 1
+            totals.drafted += len(job.tokens)
+            totals.accepted += len(v.accepted)
+            _take(s.request, v.new_tokens, now, max_new, stop)
+            _rewind(draft, s)
+            if s.request.done:
+                finished.append(s.request)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def summarise(mode: str, k: int, finished: list[Request], totals: Totals, wall: float) -> dict:
+    tokens = sum(len(r.tokens) for r in finished)
+    ttft = [(r.token_times[0] - r.started) * 1000 for r in finished if r.token_times]
+    itl = [(r.token_times[-1] - r.token_times[0]) * 1000 / (len(r.tokens) - 1)
+           for r in finished if len(r.tokens) > 1]
+    return {
+        "mode": mode, "streams": k, "requests": len(finished), "tokens": tokens,
+        "server_busy_s": round(totals.busy_s, 4), "wall_s": round(wall, 4),
+        "server_draft_busy_s": round(totals.draft_busy_s, 4),
+        "server_throughput_tps": round(tokens / totals.busy_s, 3) if totals.busy_s else None,
+        "throughput_tps": round(tokens / wall, 3),
+        "itl_ms_p50": percentile(itl, 0.5), "itl_ms_p95": percentile(itl, 0.95),
+        "ttft_ms_p50": percentile(ttft, 0.5),
+        "acceptance": round(totals.accepted / totals.drafted, 4) if totals.drafted else None,
+        "mean_accepted_length": round(totals.accepted / totals.rounds, 4) if totals.rounds
+        else None,
+        "proactive_hit_rate": None,
+        "passes": totals.passes,
+        "rounds": totals.rounds,
+        "verify_samples": totals.verify_samples,
+        "token_ids": {r.index: r.tokens for r in finished},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--mode", choices=["autoregressive", "server_only"], required=True)
+    ap.add_argument("--streams", type=int, required=True)
+    ap.add_argument("--target-model", required=True)
+    ap.add_argument("--draft-model", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chain", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", required=True, help="JSON file: list of token-id lists")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process is pinned to
+    dtype = getattr(torch, args.dtype)
+    prompts = json.load(open(args.prompts))
+    target_model, tok = load_model(args.target_model, dtype, args.device)
+    target = TargetEngine(target_model)
+    stop = set(eos_ids(tok, target_model.generation_config))
+    finished: list[Request] = []
+    totals = Totals()
+    # Warm-up: one short request, not counted.
+    autoregressive(target, prompts[:1], 1, 2, stop, [], Totals())
+    start = time.perf_counter()
+    if args.mode == "autoregressive":
+        autoregressive(target, prompts, args.streams, args.max_new_tokens, stop, finished, totals)
+    else:
+        draft_model, _ = load_model(args.draft_model, dtype, args.device)
+        draft = TargetEngine(draft_model)
+        server_only(target, draft, prompts, args.streams, args.max_new_tokens, args.chain, stop,
+                    finished, totals)
+    wall = time.perf_counter() - start
+    print(json.dumps(summarise(args.mode, args.streams, finished, totals, wall)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The benchmark's arithmetic, and (slow) a whole `specedge bench` run on the tiny pair
+whose JSON the simulator must accept as calibration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.prompts import KINDS, prompt_set
+from bench.run import accepted_hist, agreement, cost_per_million, parse_cores, percentile, ratios
+from specedge.ledger.accounting import Prices
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_prompt_set_covers_specbench_kinds():
+    assert set(KINDS) == {"multi_turn", "translation", "summarisation", "qa", "maths",
+                          "retrieval"}
+    quick = prompt_set(quick=True)
+    assert [k for k, _ in quick] == list(KINDS)
+    full = prompt_set()
+    assert len(full) == sum(len(v) for v in KINDS.values())
+    assert all(m[-1]["role"] == "user" for _, m in full)
+    assert any(len(m) > 1 for _, m in full)  # multi-turn present
+
+
+def test_cores_and_percentiles():
+    assert parse_cores("0") == [0] and parse_cores("0-2,5") == [0, 1, 2, 5]
+    assert percentile([], 0.5) is None
+    assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert percentile([1.0, 2.0, 3.0], 0.0) == 1.0 and percentile([1.0, 2.0, 3.0], 1.0) == 3.0
+
+
+def test_cost_uses_the_ledger_prices():
+    prices = Prices()
+    # One server hour and ten edge hours for one million tokens.
+    assert cost_per_million(3600, 36000, 10**6, prices) == pytest.approx(5.05 + 3.5)
+    assert cost_per_million(3600, 0, 2 * 10**6, Prices(server_usd_per_hour=2.0)) == 1.0
+
+
+def test_ratios_and_agreement():
+    def row(tps, cost, itl, ids):
+        return {"server_throughput_tps": tps, "cost_per_1m_tokens_usd": cost, "itl_ms_p50": itl,
+                "token_ids": ids}
+
+    modes = {
+        "autoregressive": {"1": row(10.0, 8.0, 100.0, {"0": [1, 2], "1": [3]})},
+        "server_only": {"1": row(20.0, 4.0, 50.0, {"0": [1, 2], "1": [3]})},
+        "specedge": {"1": row(50.0, 2.0, 40.0, {"0": [1, 2], "1": [9]})},
+    }
+    r = ratios(modes)
+    assert r["specedge_vs_server_only"] == {"1": 2.5}
+    assert r["specedge_vs_autoregressive"] == {"1": 5.0}
+    assert r["cost_efficiency_vs_server_only"] == {"1": 2.0}
+    assert r["itl_reduction_vs_server_only"] == {"1": 0.2}
+    assert agreement(modes) == {"server_only/K=1": "2/2", "specedge/K=1": "1/2"}
+
+
+def test_accepted_length_histogram_from_per_position_counters():
+    # 10 rounds; 6 accepted >= 1 draft, 3 accepted >= 2, 1 accepted 3.
+    m = {"specedge_spec_decode_num_drafts_total": 10.0,
+         "specedge_spec_decode_num_accepted_tokens_per_pos_total|position=0": 6.0,
+         "specedge_spec_decode_num_accepted_tokens_per_pos_total|position=1": 3.0,
+         "specedge_spec_decode_num_accepted_tokens_per_pos_total|position=2": 1.0}
+    assert accepted_hist(m) == [4, 3, 2, 1]
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_and_calibrates_the_simulator(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench", "--quick", "--target-model", "tiny-test",
+         "--draft-model", "tiny-test-draft", "--dtype", "float32", "--max-new-tokens", "16",
+         "--json", str(out), "--plot", str(tmp_path / "bench.png")],
+        capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"autoregressive", "server_only", "specedge"}
+    for mode in report["modes"].values():
+        assert set(mode) == {"1", "4"}
+    assert report["ratios"]["specedge_vs_server_only"].keys() == {"1", "4"}
+    # Float32 greedy: every mode answers every prompt exactly as autoregressive does.
+    assert all(v.split("/")[0] == v.split("/")[1]
+               for v in report["outputs_equal_to_autoregressive"].values())
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+    from sims.calibration import Calibration
+
+    cal = Calibration.from_bench_json(out)
+    assert cal is not None
