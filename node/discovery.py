@@ -1,0 +1,307 @@
+"""Finding verifiers for the target model, checking they are alive, ranking them, and
+opening sessions on the best one with a warm spare behind it.
+
+Sources: bootstrap peers (dialled first; they are also the DHT's entry points), Kademlia
+provider records under `dht_key(model_id)`, verifiers named directly (`--verifier`), and
+with `--mdns` peers seen on the LAN. Provider records outlive dead verifiers (48 h, no
+withdrawal), so every candidate is asked for its Advertisement over the advert protocol
+before it is used: no answer within ADVERT_TIMEOUT means dead. The answers rank them:
+a free session slot first, then a short queue, then the measured round trip plus the
+advertised verify time. The top two stay connected, so a failover costs a stream and a
+prefill, not a dial.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.peerinfo import PeerInfo
+
+from specedge.node.client import Session, SessionRequest
+from specedge.node.errors import BootstrapError, NoVerifierError
+from specedge.protocol import hosts
+from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.errors import ProtocolError
+from specedge.protocol.framing import read_frame, write_frame
+from specedge.protocol.ids import ADVERT_PROTOCOL, VERIFY_PROTOCOL, dht_key
+from specedge.protocol.limits import ADVERT_TIMEOUT, HANDSHAKE_TIMEOUT
+from specedge.protocol.validation import expect, validate_advertisement
+
+log = logging.getLogger("specedge.node.discovery")
+
+STREAM_TIMEOUT = 10.0  # opening a stream to a frozen peer otherwise waits ~10 s anyway
+REFRESH_INTERVAL = 15.0  # join: re-ask the DHT and every candidate this often
+MDNS_WAIT = 2.0  # mDNS found a peer in about 1.6 s on a LAN
+
+
+@dataclass
+class Candidate:
+    """A verifier that answered an advert query, and how it looked then."""
+
+    info: PeerInfo
+    advert: pb.Advertisement
+    rtt_s: float
+    source: str
+    checked_at: float
+
+    @property
+    def peer(self) -> str:
+        return self.info.peer_id.to_base58()
+
+    def rank_key(self) -> tuple[bool, int, float]:
+        cost = self.rtt_s + self.advert.mean_verify_micros / 1e6
+        return (self.advert.free_slots == 0, self.advert.queue_depth, cost)
+
+
+def parse_bootstrap(addrs: Sequence[str]) -> list[PeerInfo]:
+    """Parse `--bootstrap` multiaddrs, failing with a message that names the bad one."""
+    out = []
+    for a in addrs:
+        try:
+            out.append(hosts.parse_peer_addr(a))
+        except ValueError:
+            raise BootstrapError(
+                f"malformed bootstrap address {a!r}: expected a full multiaddr such as "
+                "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW...") from None
+    return out
+
+
+async def dial_bootstrap(host: IHost, peers: Sequence[PeerInfo], dht: KadDHT | None = None,
+                         timeout: float = hosts.DIAL_TIMEOUT) -> list[PeerInfo]:
+    """Dial every bootstrap peer at once; raise BootstrapError if none answers."""
+    reached: list[PeerInfo] = []
+    errors: list[str] = []
+
+    async def one(info: PeerInfo) -> None:
+        try:
+            await hosts.connect(host, info, timeout=timeout)
+        except ConnectionError as exc:
+            errors.append(str(exc))
+            return
+        reached.append(info)
+        if dht is not None:
+            await hosts.add_to_routing_table(dht, info.peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for info in peers:
+            nursery.start_soon(one, info)
+    for e in errors:
+        log.warning("bootstrap peer unreachable: %s", e)
+    if peers and not reached:
+        raise BootstrapError("no bootstrap peer could be reached: " + "; ".join(errors)
+                             + ". Check the address, that the peer runs, and the network.")
+    return reached
+
+
+async def probe(host: IHost, info: PeerInfo, model_id: str,
+                timeout: float = ADVERT_TIMEOUT) -> tuple[pb.Advertisement, float]:
+    """Ask a peer for its Advertisement: the liveness check and the ranking data.
+
+    Raises ProtocolError or ConnectionError when the peer is dead, is not a verifier of
+    `model_id`, or answers nonsense.
+    """
+    start = time.perf_counter()
+    stream = await open_stream(host, info, ADVERT_PROTOCOL, timeout)
+    try:
+        await write_frame(stream, pb.Frame(advert_query=pb.AdvertQuery(model_id=model_id)),
+                          timeout=timeout)
+        frame = await read_frame(stream, timeout=timeout)
+        expect(frame, "advert")
+        validate_advertisement(frame.advert)
+        if frame.advert.model_id != model_id:
+            raise ConnectionError(f"serves {frame.advert.model_id!r}, not {model_id!r}")
+    finally:
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            try:
+                await stream.close()
+            except Exception:
+                pass
+    return frame.advert, time.perf_counter() - start
+
+
+async def open_stream(host: IHost, info: PeerInfo, protocol: str,
+                      timeout: float = STREAM_TIMEOUT) -> INetStream:
+    """A new stream to `info` (dialling it if needed), bounded by `timeout`."""
+    try:
+        with trio.fail_after(timeout):
+            if info.addrs:
+                host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+            return await host.new_stream(info.peer_id, [protocol])
+    except trio.TooSlowError:
+        raise ConnectionError(f"no stream to {info.peer_id} within {timeout:g} s") from None
+    except Exception as exc:  # SwarmException, StreamFailure, multiselect errors
+        raise ConnectionError(f"no stream to {info.peer_id}: {exc}") from exc
+
+
+class VerifierPool:
+    """The verifiers this node knows for one model, ranked; a `generation.Connector`."""
+
+    def __init__(self, host: IHost, identity: KeyPair, model_id: str, *,
+                 dht: KadDHT | None = None,
+                 direct: Sequence[PeerInfo] = (), bootstrap: Sequence[PeerInfo] = (),
+                 mdns: bool = False, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        self.host = host
+        self.identity = identity
+        self.model_id = model_id
+        self.dht = dht
+        self.direct = list(direct)
+        self.bootstrap = list(bootstrap)
+        self.mdns = mdns
+        self.handshake_timeout = handshake_timeout
+        self.ranked: list[Candidate] = []
+        self.dead: dict[str, str] = {}  # peer -> why, from the last refresh
+        self.in_use: dict[str, int] = {}  # peer -> open sessions (for the status)
+        self.refreshed_at = 0.0
+        self._refresh_lock = trio.Lock()
+
+    # -- discovery ---------------------------------------------------------------
+
+    async def _sources(self) -> dict[str, tuple[PeerInfo, str]]:
+        found: dict[str, tuple[PeerInfo, str]] = {}
+        me = self.host.get_id()
+        for info in self.direct:
+            found.setdefault(info.peer_id.to_base58(), (info, "direct"))
+        if self.dht is not None:
+            for info in await hosts.find_providers(self.dht, dht_key(self.model_id)):
+                found.setdefault(info.peer_id.to_base58(), (info, "dht"))
+        # A bootstrap peer may itself be a verifier; the probe tells.
+        for info in self.bootstrap:
+            found.setdefault(info.peer_id.to_base58(), (info, "bootstrap"))
+        if self.mdns:
+            store = self.host.get_peerstore()
+            for pid in store.peers_with_addrs():
+                if pid != me:
+                    found.setdefault(pid.to_base58(), (PeerInfo(pid, store.addrs(pid)), "mdns"))
+        found.pop(me.to_base58(), None)
+        return found
+
+    async def refresh(self) -> list[Candidate]:
+        """Find candidates, probe them all at once, keep the live ones ranked."""
+        async with self._refresh_lock:
+            found = await self._sources()
+            alive: list[Candidate] = []
+            dead: dict[str, str] = {}
+
+            async def check(peer: str, info: PeerInfo, source: str) -> None:
+                try:
+                    advert, rtt = await probe(self.host, info, self.model_id)
+                except (ProtocolError, ConnectionError) as exc:
+                    if source != "bootstrap":  # a plain bootstrap peer is not a verifier
+                        dead[peer] = str(exc)
+                    return
+                alive.append(Candidate(info, advert, rtt, source, time.monotonic()))
+
+            async with trio.open_nursery() as nursery:
+                for peer, (info, source) in found.items():
+                    nursery.start_soon(check, peer, info, source)
+            alive.sort(key=Candidate.rank_key)
+            for peer, why in dead.items():
+                if peer not in self.dead:  # say it once, not every refresh
+                    log.info("verifier %s is not usable: %s", peer, why)
+            self.ranked, self.dead = alive, dead
+            self.refreshed_at = time.monotonic()
+            return alive
+
+    async def keep_fresh(self, interval: float = REFRESH_INTERVAL) -> None:
+        """Refresh every `interval` s (at once if never done) and keep the best two
+        connected (the warm spare), until cancelled."""
+        while True:
+            if time.monotonic() - self.refreshed_at >= interval or not self.refreshed_at:
+                await self.refresh()
+            await self.warm()
+            await trio.sleep(interval)
+
+    async def warm(self, count: int = 2) -> None:
+        """Keep connections open to the first `count` verifiers, so failover is quick."""
+        for cand in self.ranked[:count]:
+            try:
+                await hosts.connect(self.host, cand.info, timeout=hosts.DIAL_TIMEOUT)
+            except ConnectionError as exc:
+                log.info("cannot keep %s warm: %s", cand.peer, exc)
+
+    # -- sessions ----------------------------------------------------------------
+
+    async def open_session(self, request: SessionRequest, avoid: set[str]) -> Session:
+        """Open a session on the best live verifier not in `avoid`.
+
+        Refreshes first when nothing usable is known. Tries each in rank order; one that
+        refuses (overloaded, shutting down) or fails is skipped. NoVerifierError when all
+        fail, naming why.
+        """
+        if not [c for c in self.ranked if c.peer not in avoid]:
+            await self.refresh()
+        reasons: list[str] = []
+        for cand in [c for c in self.ranked if c.peer not in avoid]:
+            try:
+                stream = await open_stream(self.host, cand.info, VERIFY_PROTOCOL)
+                session = await Session.open(stream, cand.peer, self.identity, request,
+                                             timeout=self.handshake_timeout)
+            except (ProtocolError, ConnectionError) as exc:
+                reasons.append(f"{cand.peer}: {exc}")
+                log.info("verifier %s did not open a session: %s", cand.peer, exc)
+                continue
+            self.in_use[cand.peer] = self.in_use.get(cand.peer, 0) + 1
+            session.on_end = lambda peer=cand.peer: self.released(peer)
+            return session
+        raise NoVerifierError(self.explain(avoid, reasons))
+
+    def failed(self, verifier: str, reason: str) -> None:
+        """Drop a verifier whose session failed until the next refresh probes it again, so
+        other generations do not try it first in the meantime."""
+        self.ranked = [c for c in self.ranked if c.peer != verifier]
+        self.dead[verifier] = reason
+
+    def explain(self, avoid: set[str], reasons: list[str]) -> str:
+        if reasons:
+            return f"no verifier for {self.model_id!r} would take the session: " + "; ".join(
+                reasons)
+        if avoid:
+            return (f"no verifier for {self.model_id!r} is left: the ones known failed "
+                    f"({', '.join(sorted(avoid))})")
+        dead = "".join(f"; {p} did not answer ({why})" for p, why in self.dead.items())
+        return (f"no verifier for {self.model_id!r} was found{dead}. Check that a verifier "
+                "serves this target model and that your bootstrap peers are on its network.")
+
+    def released(self, peer: str) -> None:
+        n = self.in_use.get(peer, 0) - 1
+        if n > 0:
+            self.in_use[peer] = n
+        else:
+            self.in_use.pop(peer, None)
+
+
+@asynccontextmanager
+async def network(identity: KeyPair, model_id: str, *, bootstrap: Sequence[str] = (),
+                  verifiers: Sequence[str] = (), listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+                  mdns: bool = False, use_dht: bool = True) -> AsyncIterator[VerifierPool]:
+    """A running host, connected to the bootstrap peers, with a DHT client and a pool.
+
+    Malformed or unreachable addresses fail here with BootstrapError, before any model
+    work, so the user learns at once.
+    """
+    boot = parse_bootstrap(bootstrap)
+    direct = parse_bootstrap(verifiers)
+    if not boot and not direct and not mdns:
+        raise BootstrapError("give at least one --bootstrap peer (or --verifier, or --mdns) "
+                             "to find verifiers")
+    async with hosts.running_host(identity, listen, mdns=mdns) as host:
+        if mdns:
+            await trio.sleep(MDNS_WAIT)  # let LAN peers answer before the first look
+        if boot and use_dht:
+            async with hosts.running_dht(host, server=False) as dht:
+                await dial_bootstrap(host, boot, dht)
+                yield VerifierPool(host, identity, model_id, dht=dht, direct=direct,
+                                   bootstrap=boot, mdns=mdns)
+        else:
+            await dial_bootstrap(host, boot)
+            yield VerifierPool(host, identity, model_id, direct=direct, bootstrap=boot,
+                               mdns=mdns)
