@@ -104,6 +104,14 @@ class Calibration:
     price_server_usd_h: float = 5.05
     price_edge_usd_h: float = 0.35
     server_draft: Curve | None = None  # server drafting time vs streams, when measured
+    # Every forward pass of the target, whatever its rows are (verify trees, decode steps,
+    # prefill chunks, or a mix packed into one pass): the bench's verify_ms and ar_step_ms
+    # samples together, both keyed by the pass's rows (`PassResult.tokens`).
+    target: Curve | None = None
+    # One batched draft-model pass on the server (server-only), ms at one row; None: derived
+    # from server_draft_tree_ms by `sims.network.server_draft_pass_ms`.
+    server_draft_pass: float | None = None
+    bench_streams: tuple[int, ...] = (1,)  # the K values the bench ran
     prompt_tokens: int = 64  # mean prompt length of the workload
     max_new_tokens: int = 64  # tokens generated per request
     prompts: int = 8  # requests in the bench workload
@@ -114,6 +122,28 @@ class Calibration:
 
     def verify_ms(self, tokens: int) -> float:
         return self.verify(tokens) if tokens > 0 else 0.0
+
+    def pass_ms(self, rows: int) -> float:
+        """One target forward pass of `rows` rows (prefill and verify rows alike)."""
+        if rows <= 0:
+            return 0.0
+        return (self.target or self.verify)(rows)
+
+    def pass_shape(self, rows: int) -> float:
+        """How much a pass of `rows` rows costs relative to a one-row pass, from the target's
+        curve; used for the draft model too (same engine, same hardware: an assumption)."""
+        return max(1.0, self.pass_ms(rows) / self.pass_ms(1)) if rows > 0 else 0.0
+
+    def draft_step_ms(self) -> float:
+        """One draft forward on a node. `draft_tree_ms` is the bench's mean per tree
+        (receipts' draft_micros over rounds): a fresh tree is `depth` forwards, an adopted
+        bet `depth + 1` (the bet forwards the leaf once more), so per forward it is the
+        tree time over depth + hit rate."""
+        return self.draft_tree_ms / (self.depth + self.proactive_hit_rate)
+
+    def draft_prefill_ms(self, prompt_rows: int) -> float:
+        """A node's first draft forward over the whole prompt."""
+        return self.draft_step_ms() * self.pass_shape(prompt_rows)
 
     def ar_step_ms(self, streams: int) -> float:
         return self.ar_step(streams) if streams > 0 else 0.0
@@ -193,6 +223,9 @@ class Calibration:
             server_draft_tree_ms=340.0,
             verify=Curve.from_samples([5, 10, 20, 40], [300.0, 340.0, 420.0, 580.0], "verify"),
             ar_step=Curve.from_samples([1, 2, 4, 8], [260.0, 269.0, 287.0, 323.0], "ar_step"),
+            target=Curve.from_samples([1, 2, 4, 5, 8, 10, 20, 40],
+                                      [260.0, 269.0, 287.0, 300.0, 323.0, 340.0, 420.0, 580.0],
+                                      "target"),
             rtt_ms=2.0,
             # chain:4 with per-token acceptance 0.7: P(L=k) = 0.7^k * 0.3, P(L=4) = 0.7^4
             accepted_hist=(300.0, 210.0, 147.0, 103.0, 240.0),
@@ -311,6 +344,14 @@ class Calibration:
         if prompt_tokens is None:
             notes.append("prompt length missing (calibration.prompt_tokens): 64")
         ar1 = ar_step(1)
+        vs, av = cal["verify_ms"], cal["ar_step_ms"]
+        target = Curve.from_samples(list(vs["batch_tokens"]) + list(av["batch"]),
+                                    list(vs["ms"]) + list(av["ms"]), f"{source}: target passes")
+        try:
+            streams = tuple(sorted(int(k) for k in config.get("streams") or ()))
+        except (TypeError, ValueError):
+            streams = ()
+        draft_pass = cal.get("server_draft_pass_ms")  # not emitted by the bench yet
         return cls(
             draft_forward_ms=draft_forward_ms,
             draft_tree_ms=draft_tree_ms,
@@ -330,6 +371,10 @@ class Calibration:
             price_server_usd_h=float(prices.get("server", 5.05)),
             price_edge_usd_h=float(prices.get("edge", 0.35)),
             server_draft=server_draft,
+            target=target,
+            server_draft_pass=None if draft_pass is None else number("server_draft_pass_ms",
+                                                                      draft_pass),
+            bench_streams=streams or (1,),
             prompt_tokens=int(prompt_tokens if prompt_tokens is not None else 64),
             max_new_tokens=int(config.get("max_new_tokens", 64)),
             prompts=int(config.get("prompts", 8)),

@@ -30,12 +30,13 @@ All times inside the model are seconds; calibration figures are milliseconds.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 import time
 from collections import deque
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,7 @@ class Scenario:
     nodes: int = 1  # streams: one per edge node in SpecEdge, one per user in a baseline
     verifiers: int = 1  # verifiers (SpecEdge) or servers (baselines)
     requests_per_node: int | None = 4
+    requests_total: int | None = None  # a shared queue of this many requests (the bench's)
     duration_s: float = 60.0
     warmup_s: float = 0.0
     max_new_tokens: int | None = None  # None: the calibration's
@@ -75,6 +77,7 @@ class Scenario:
     detect_timeout_s: float = 2.0  # a node gives a silent verifier this long
     user_rtt: bool = False  # baselines: the user is a round trip away (adds to TTFT)
     start_spread_s: float = 0.0  # streams start at random times in [0, this)
+    shared_draft_core: bool = False  # all nodes draft on one core (the bench's node process)
     seed: int = 0
 
     def check(self) -> None:
@@ -156,8 +159,8 @@ class Recorder:
         self.w0, self.w1 = w0, w1
         self.tokens = 0
         self.tokens_total = 0
-        self.gaps: list[float] = []  # first token of a round: time since the previous one
-        self.zero_gaps = 0  # the round's other tokens arrive with it
+        # Per request, as the bench measures it: (last token - first token) / (tokens - 1).
+        self.itl: list[float] = []
         self.ttft: list[float] = []
         self.server_busy = 0.0
         self.edge_busy = 0.0
@@ -191,11 +194,8 @@ class Recorder:
         inside = self.w0 <= t <= self.w1
         if inside:
             self.tokens += n
-            self.zero_gaps += n - 1
             if req.first_at is None:
                 self.ttft.append(t - req.start + req.extra_ttft)
-            else:
-                self.gaps.append(t - req.last_at)
         if req.first_at is None:
             req.first_at = t
         req.last_at = t
@@ -207,6 +207,9 @@ class Recorder:
 
     def finish(self, req: Request) -> None:
         self.finished.append(req.generated)
+        if (req.generated > 1 and req.first_at is not None and req.last_at is not None
+                and req.first_at >= self.w0 and req.last_at <= self.w1):
+            self.itl.append((req.last_at - req.first_at) / (req.generated - 1))
 
 
 def lognormal_factor(rng: random.Random, cv: float) -> float:
@@ -265,7 +268,7 @@ class Verifier:
                 if not self.alive:
                     return
             batch, verify_tokens, prefill_tokens = self.take()
-            ms = cal.verify_ms(verify_tokens) + cal.prefill_ms_per_token * prefill_tokens
+            ms = cal.pass_ms(verify_tokens + prefill_tokens)  # one packed forward
             start = env.now
             self.running = [job for job, _ in batch]
             yield env.timeout(ms * lognormal_factor(sim.rng, sim.sc.jitter) / 1000)
@@ -324,6 +327,100 @@ class Verifier:
         self.running = []
 
 
+CRITICAL, BET = 0, 1  # drafting priorities on a shared core
+
+
+class CoreTask:
+    __slots__ = ("work", "left", "prio", "done", "started")
+
+    def __init__(self, work: float, prio: int, done: simpy.Event, started: float):
+        self.work = work
+        self.left = work
+        self.prio = prio
+        self.done = done
+        self.started = started
+
+
+class SharedCore:
+    """One CPU core shared by drafting threads: processor sharing among the runnable tasks
+    of the best priority present (a nice-19 bet gets the core only when no nice-0 drafting
+    wants it: CFS gives it ~1.5% otherwise, taken as 0)."""
+
+    def __init__(self, env: simpy.Environment):
+        self.env = env
+        self.tasks: list[CoreTask] = []
+        self.last = env.now
+        self.changed = env.event()
+        env.process(self.loop())
+
+    def _running(self) -> list[CoreTask]:
+        if not self.tasks:
+            return []
+        best = min(t.prio for t in self.tasks)
+        return [t for t in self.tasks if t.prio == best]
+
+    def _advance(self) -> None:
+        now = self.env.now
+        running = self._running()
+        if running and now > self.last:
+            share = (now - self.last) / len(running)
+            for t in running:
+                t.left -= share
+        self.last = now
+        for t in [t for t in self.tasks if t.left <= 1e-12]:
+            self.tasks.remove(t)
+            t.done.succeed()
+
+    def _kick(self) -> None:
+        if not self.changed.triggered:
+            self.changed.succeed()
+
+    def loop(self) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        while True:
+            self._advance()
+            running = self._running()
+            self.changed = env.event()
+            if not running:
+                yield self.changed
+                continue
+            dt = min(t.left for t in running) * len(running)
+            yield env.any_of([env.timeout(dt), self.changed])
+
+    def start(self, work: float, prio: int) -> CoreTask:
+        self._advance()
+        task = CoreTask(work, prio, self.env.event(), self.env.now)
+        if work <= 0:
+            task.done.succeed()
+            return task
+        self.tasks.append(task)
+        self._kick()
+        return task
+
+    def cut(self, task: CoreTask, step: float) -> float:
+        """Stop `task` after its current forward (of `step` seconds); return the work cut."""
+        self._advance()
+        if task.done.triggered or step <= 0:
+            return 0.0
+        done = task.work - task.left
+        keep = min(task.work, math.ceil(done / step - 1e-9) * step)
+        if keep <= done:
+            keep = min(task.work, done + step)
+        cut = task.work - keep
+        task.left -= cut
+        task.work = keep
+        return cut
+
+    def wait(self, task: CoreTask, rec: Recorder) -> Generator[simpy.Event, Any, None]:
+        if not task.done.triggered:
+            yield task.done
+        rec.edge(task.started, self.env.now)
+
+    def work(self, seconds: float, prio: int, rec: Recorder
+             ) -> Generator[simpy.Event, Any, None]:
+        yield from self.wait(self.start(seconds, prio), rec)
+
+
 class Link:
     """A node's connection: a per-node mean one-way delay, per-message jitter, and
     in-order delivery (a stream does not overtake itself)."""
@@ -341,7 +438,9 @@ class Stream:
     user_rtt_s: float
     left: int | None
     req: Request | None = None
-    needs_prefill: bool = True
+    target_fill: int = 0  # target prompt rows still to prefill
+    draft_fill: int = 0  # draft-model rows to catch up (server-only)
+    drafted: int = 0  # draft tokens of the current round (server-only)
 
 
 class Simulation:
@@ -350,7 +449,12 @@ class Simulation:
     def __init__(self, scenario: Scenario, cal: Calibration):
         scenario.check()
         self.sc = scenario
+        if scenario.mode == "server_only" and cal.server_draft_pass is None:
+            # A hardware figure: derive it from the measured calibration, before scaling.
+            cal = replace(cal, server_draft_pass=server_draft_pass_ms(cal))
         self.cal = cal.with_acceptance_scale(scenario.acceptance_scale)
+        self.verify_busy = 0.0  # baselines: target passes only
+        self.queue_left = scenario.requests_total  # None: each stream has its own count
         self.env = simpy.Environment()
         self.rng = random.Random(scenario.seed)
         self.max_new = scenario.max_new_tokens or self.cal.max_new_tokens
@@ -379,8 +483,16 @@ class Simulation:
     def one_way(self, link: Link) -> float:
         return link.one_way_s * lognormal_factor(self.rng, self.sc.net_jitter)
 
-    def draft_s(self) -> float:
-        return self.cal.draft_tree_ms * lognormal_factor(self.rng, self.sc.jitter) / 1000
+    def draft_s(self, forwards: int) -> float:
+        """`forwards` draft forwards on a node (one row each), seconds."""
+        return (forwards * self.cal.draft_step_ms() * lognormal_factor(self.rng, self.sc.jitter)
+                / 1000)
+
+    def first_tree_s(self, prompt: int) -> float:
+        """A request's first tree: one forward over the prompt, then depth - 1 more."""
+        cal = self.cal
+        ms = cal.draft_prefill_ms(prompt) + (self.depth - 1) * cal.draft_step_ms()
+        return ms * lognormal_factor(self.rng, self.sc.jitter) / 1000
 
     def fail_later(self, job: Job, at: float) -> None:
         """Tell the job's node, at `at`, that no verdict is coming."""
@@ -410,29 +522,34 @@ class Simulation:
     # -- SpecEdge ---------------------------------------------------------------------
 
     def node(self, index: int) -> Generator[simpy.Event, Any, None]:
-        """One edge node: one stream of requests, drafting locally.
+        """One edge node: one stream of requests, drafting locally on its own device.
 
         The node waits only for replies (session opened, verdict). What it does on its
         own (drafting, a reply's way back) needs no event: `t` and `ready` are times it
         computes ahead of the clock, and its next message is scheduled to leave then. That
-        halves the events per round, which is what lets 10,000 nodes run in seconds."""
+        halves the events per round, which is what lets 10,000 nodes run in seconds.
+
+        As `node.generation` does: the first tree starts with a draft forward over the
+        whole prompt; a fresh tree is `depth` forwards, a bet `depth + 1`; when the verdict
+        arrives the bet stops only after its current forward (the round waits for the bet
+        thread), and a won bet is finished (adopted) before the next round is sent."""
         env, cal, sc, rec = self.env, self.cal, self.sc, self.rec
         link = Link(self.node_rtt_s() / 2)
         t = self.rng.uniform(0.0, sc.start_spread_s) if sc.start_spread_s > 0 else env.now
         left = sc.requests_per_node
         tree = cal.tree_tokens
-        while left is None or left > 0:
-            if left is not None:
-                left -= 1
+        while True:
+            more, left = self.take_request(left)
+            if not more:
+                break
             req = Request(start=t, prompt=self.prompt)
             verifier, t = yield from self.open_session(link, req.prompt, t)
-            # Then the node prefills its own draft model and drafts the first tree.
-            ready = t + cal.draft_prefill_ms_per_token * req.prompt / 1000 + self.draft_s()
+            ready = t + self.first_tree_s(req.prompt)
             rec.edge(t, ready)
             while req.generated < self.max_new:
                 job = Job(tree + 1, 0, env.event(), ready)  # the pending token + the tree
                 self.send(link, verifier, job, ready)
-                bet = self.draft_s() if sc.proactive else 0.0  # drafted while in flight
+                bet = self.draft_s(self.depth + 1) if sc.proactive else 0.0
                 ok = yield job.done
                 if not ok:
                     # The verifier is gone. Open a session elsewhere with everything accepted
@@ -447,21 +564,81 @@ class Simulation:
                 accepted = self.draw_accepted()
                 rec.round(accepted, tree)
                 rec.deliver(req, t, min(accepted + 1, self.max_new - req.generated))
+                stop = t
+                if bet > 0 and t < ready + bet:  # the bet's current forward ends first
+                    step = bet / (self.depth + 1)
+                    stop = min(ready + math.ceil((t - ready) / step) * step, ready + bet)
                 if req.generated >= self.max_new:
-                    rec.edge(ready, min(ready + bet, t))  # the bet is dropped
+                    rec.edge(ready, min(ready + bet, stop))  # the bet is dropped
+                    t = stop
                     break
                 hit = False
                 if sc.proactive:
                     rec.bets += 1
                     hit = accepted == self.depth and self.rng.random() < self.hit_q
                     rec.hits += hit
-                    rec.edge(ready, ready + bet if hit else min(ready + bet, t))
+                    rec.edge(ready, ready + bet if hit else min(ready + bet, stop))
                 if hit:
                     ready = max(t, ready + bet)
                 else:
-                    d = self.draft_s()
-                    rec.edge(t, t + d)
-                    ready = t + d
+                    d = self.draft_s(self.depth)
+                    rec.edge(stop, stop + d)
+                    ready = stop + d
+            rec.finish(req)
+            verifier.sessions -= 1
+
+    def node_shared(self, index: int, core: SharedCore) -> Generator[simpy.Event, Any, None]:
+        """One stream of the bench's node process: every stream drafts on one shared core.
+
+        Critical drafting (a request's first tree, a fresh tree after a miss, finishing a
+        won bet) shares the core equally; bets run niced (`BET_NICE`), i.e. only when no
+        critical drafting wants the core. The round waits for the bet's current forward.
+        Events for every draft: only for small runs (the bench's K streams)."""
+        env, sc, rec = self.env, self.sc, self.rec
+        link = Link(self.node_rtt_s() / 2)
+        left = sc.requests_per_node
+        tree = self.cal.tree_tokens
+        step = self.cal.draft_step_ms() / 1000
+        while True:
+            more, left = self.take_request(left)
+            if not more:
+                break
+            req = Request(start=env.now, prompt=self.prompt)
+            verifier, t = yield from self.open_session(link, req.prompt, env.now)
+            yield env.timeout(max(0.0, t - env.now))
+            yield from core.work(self.first_tree_s(req.prompt), CRITICAL, rec)
+            while req.generated < self.max_new:
+                job = Job(tree + 1, 0, env.event(), env.now)
+                self.send(link, verifier, job, env.now)
+                bet = core.start(self.draft_s(self.depth + 1), BET) if sc.proactive else None
+                ok = yield job.done
+                if not ok:
+                    rec.failovers += 1
+                    if bet is not None:
+                        core.cut(bet, step)
+                        yield from core.wait(bet, rec)
+                    verifier.sessions -= 1
+                    verifier, t = yield from self.open_session(
+                        link, req.prompt + req.generated, env.now)
+                    yield env.timeout(max(0.0, t - env.now))
+                    yield from core.work(self.draft_s(self.depth), CRITICAL, rec)
+                    continue
+                yield env.timeout(self.one_way(link))  # the verdict reaches the node
+                accepted = self.draw_accepted()
+                rec.round(accepted, tree)
+                rec.deliver(req, env.now, min(accepted + 1, self.max_new - req.generated))
+                rest = 0.0
+                if bet is not None:
+                    rest = core.cut(bet, step)  # stops after the current forward
+                    yield from core.wait(bet, rec)
+                if req.generated >= self.max_new:
+                    break
+                hit = False
+                if bet is not None:
+                    rec.bets += 1
+                    hit = accepted == self.depth and self.rng.random() < self.hit_q
+                    rec.hits += hit
+                yield from core.work(rest if hit else self.draft_s(self.depth), CRITICAL, rec)
             rec.finish(req)
             verifier.sessions -= 1
 
@@ -473,7 +650,8 @@ class Simulation:
         while True:
             verifier = self.choose_verifier()
             verifier.sessions += 1
-            job = Job(0, tokens, self.env.event(), at)
+            # The verifier caches every committed token but the pending one.
+            job = Job(0, max(1, tokens - 1), self.env.event(), at)
             self.send(link, verifier, job, at)
             ok = yield job.done
             if ok:
@@ -489,22 +667,49 @@ class Simulation:
 
     # -- baselines --------------------------------------------------------------------
 
+    def take_request(self, left: int | None) -> tuple[bool, int | None]:
+        """(whether a stream with `left` requests of its own gets another, its new left)."""
+        if self.queue_left is not None:
+            if self.queue_left <= 0:
+                return False, left
+            self.queue_left -= 1
+            return True, left
+        if left is None:
+            return True, None
+        return (True, left - 1) if left > 0 else (False, left)
+
     def next_request(self, s: Stream) -> None:
-        if s.left is not None and s.left <= 0:
+        more, s.left = self.take_request(s.left)
+        if not more:
             s.req = None
             return
-        if s.left is not None:
-            s.left -= 1
         s.req = Request(start=self.env.now, prompt=self.prompt, extra_ttft=s.user_rtt_s)
-        s.needs_prefill = True
+        s.target_fill = s.draft_fill = max(1, self.prompt - 1)  # all but the pending token
+        s.drafted = 0
+
+    def pass_(self, ms: float, target: bool = True) -> Generator[simpy.Event, Any, None]:
+        start = self.env.now
+        yield self.env.timeout(ms * lognormal_factor(self.rng, self.sc.jitter) / 1000)
+        self.rec.server(start, self.env.now)
+        self.rec.batches += 1
+        if target:
+            self.verify_busy += self.env.now - start
 
     def server(self, streams: list[Stream]) -> Generator[simpy.Event, Any, None]:
-        """A baseline server: every active stream advances one pass at a time (up to the
-        token budget; the rest wait their turn), new streams are prefilled in the pass."""
+        """A baseline server, as `bench.serving` runs it: every live stream in every pass.
+
+        Autoregressive: a pass holds a prefill chunk for each new stream (no token) and one
+        decode row for each prefilled one. Server-only: new streams' prefill chunks ride
+        in the verify pass; the prefilled streams first get batched draft-model passes
+        (a catch-up row when the whole chain was accepted, or the prompt for a new
+        stream, then one row per draft token) until each has its chain, then one target
+        pass verifies every chain (tree + pending token rows per stream). A finished
+        stream takes its next request before the next pass."""
         env, cal, sc, rec = self.env, self.cal, self.sc, self.rec
         ar = sc.mode == "autoregressive"
-        per_stream = 1 if ar else cal.tree_tokens + 1
-        cap = max(1, sc.max_batch_tokens // per_stream)
+        chain = cal.tree_tokens
+        chunk = sc.prefill_chunk
+        draft_ms = 0.0 if ar else server_draft_pass_ms(cal)
         if sc.start_spread_s > 0:
             starts = sorted((self.rng.uniform(0.0, sc.start_spread_s), s.index) for s in streams)
         else:
@@ -512,45 +717,62 @@ class Simulation:
         by_index = {s.index: s for s in streams}
         waiting = deque(by_index[i] for _, i in starts)
         start_at = deque(t for t, _ in starts)
-        active: deque[Stream] = deque()
-        while active or waiting:
+        active: list[Stream] = []
+        while True:
             while start_at and start_at[0] <= env.now:
                 start_at.popleft()
                 s = waiting.popleft()
                 self.next_request(s)
                 if s.req is not None:
-                    s.req.start = max(s.req.start, env.now)
                     active.append(s)
             if not active:
+                if not start_at:
+                    return
                 yield env.timeout(start_at[0] - env.now)
                 continue
-            batch = [active.popleft() for _ in range(min(cap, len(active)))]
-            new = [s for s in batch if s.needs_prefill]
-            prefill = sum(s.req.prompt for s in new)
-            if ar:  # a new stream's prefill yields its first token: that is its step
-                ms = cal.prefill_ms_per_token * prefill + cal.ar_step_ms(len(batch) - len(new))
-            else:
-                ms = (cal.prefill_ms_per_token * prefill + cal.server_draft_ms(len(batch))
-                      + cal.verify_ms(len(batch) * per_stream))
-            start = env.now
-            yield env.timeout(ms * lognormal_factor(self.rng, sc.jitter) / 1000)
-            rec.server(start, env.now)
-            rec.batches += 1
-            rec.batch_tokens += len(batch) * per_stream + prefill
-            for s in batch:
-                s.needs_prefill = False
+            filling = [s for s in active if s.target_fill > 0]
+            ready = [s for s in active if s.target_fill == 0]
+            fill_rows = {s.index: min(s.target_fill, chunk) for s in filling}
+            if not ar:
+                while ready and min(s.drafted for s in ready) < chain:
+                    rows = 0
+                    for s in ready:
+                        if s.drafted >= chain:
+                            continue
+                        if s.draft_fill > 0:
+                            n = min(s.draft_fill, chunk)
+                            s.draft_fill -= n
+                            rows += n
+                        else:
+                            s.drafted += 1
+                            rows += 1
+                    yield from self.pass_(draft_ms * cal.pass_shape(rows), target=False)
+                    rec.batch_tokens += rows
+            per = 1 if ar else chain + 1
+            rows = sum(fill_rows.values()) + per * len(ready)
+            yield from self.pass_(cal.pass_ms(rows))
+            rec.batch_tokens += rows
+            for s in filling:
+                s.target_fill -= fill_rows[s.index]
+                if not ar and s.target_fill == 0:
+                    s.draft_fill = max(1, self.prompt - 1)
+            for s in ready:
                 if ar:
                     n = 1
                 else:
                     accepted = self.draw_accepted()
-                    rec.round(accepted, cal.tree_tokens)
+                    rec.round(accepted, chain)
                     n = accepted + 1
+                    # The draft cache keeps the accepted rows it has; a fully accepted chain
+                    # leaves its last draft token without a row: one row to catch up.
+                    s.draft_fill = 1 if accepted >= chain else 0
+                    s.drafted = 0
                 rec.deliver(s.req, env.now, min(n, self.max_new - s.req.generated))
                 if s.req.generated >= self.max_new:
                     rec.finish(s.req)
                     self.next_request(s)
-                if s.req is not None:
-                    active.append(s)
+                    if s.req is None:
+                        active.remove(s)
 
     # -- running ----------------------------------------------------------------------
 
@@ -560,8 +782,9 @@ class Simulation:
         finite = sc.requests_per_node is not None
         if sc.mode == "specedge":
             self.verifiers = [Verifier(self, i) for i in range(sc.verifiers)]
+            core = SharedCore(env) if sc.shared_draft_core else None
             for i in range(sc.nodes):
-                env.process(self.node(i))
+                env.process(self.node(i) if core is None else self.node_shared(i, core))
             dying = round(sc.fail_fraction * sc.verifiers)
             if sc.fail_fraction > 0:
                 dying = min(max(1, dying), sc.verifiers - 1)
@@ -586,7 +809,7 @@ class Simulation:
         sc, rec, cal = self.sc, self.rec, self.cal
         finite = sc.requests_per_node is not None
         wall = rec.last_token_at if finite else sc.duration_s - sc.warmup_s
-        gaps_ms = np.concatenate([np.asarray(rec.gaps) * 1000, np.zeros(rec.zero_gaps)])
+        gaps_ms = np.asarray(rec.itl) * 1000
         ttft_ms = np.asarray(rec.ttft) * 1000
 
         def pct(a: np.ndarray, q: float) -> float:
@@ -625,6 +848,34 @@ class Simulation:
             runtime_s=runtime_s,
             per_request_tokens=list(rec.finished),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def server_draft_pass_ms(cal: Calibration) -> float:
+    """The server's one-row draft-model pass, ms.
+
+    Measured directly when the calibration has it. Otherwise derived from
+    `server_draft_tree_ms`, which `bench.run.calibration()` defines as the minimum over the
+    bench's K of server-only draft busy time over rounds (per stream and round, passes
+    shared by the batch). Draft passes cost a fixed time scaled by the target's row
+    shape (`pass_shape`: decode passes are weight-bound, so nearly flat in rows), so the
+    simulated draft busy time is proportional to that fixed time: simulate the bench's
+    server-only workload at each K with 1 ms and scale so that its minimum is the
+    measured one."""
+    if cal.server_draft_pass is not None:
+        return cal.server_draft_pass
+    unit = replace(cal, server_draft_pass=1.0)
+    per_round = []
+    for k in cal.bench_streams:
+        sc = Scenario(mode="server_only", nodes=k, verifiers=1, jitter=0.0,
+                      requests_per_node=math.ceil(max(k, cal.prompts) / k),
+                      requests_total=max(k, cal.prompts), seed=0)
+        sim = Simulation(sc, unit)
+        sim.run()
+        draft_busy = sim.rec.server_busy - sim.verify_busy
+        if sim.rec.rounds:
+            per_round.append(draft_busy * 1000 / sim.rec.rounds)
+    return cal.server_draft_tree_ms / min(per_round) if per_round else cal.server_draft_tree_ms
 
 
 def simulate(scenario: Scenario, cal: Calibration | None = None) -> Result:

@@ -21,7 +21,7 @@ SWEEPS = {
 PANELS = (
     ("throughput_tps", "tokens / s (all users)"),
     ("server_throughput_tps", "tokens / server-busy s (per verifier)"),
-    ("itl_ms_mean", "inter-token latency, mean (dashed: p95), ms"),
+    ("itl_ms_p50", "inter-token latency per request, p50 (dashed: p95), ms"),
     ("cost_per_1m_tokens_usd", "cost, $ per 1M tokens"),
 )
 COLORS = {"specedge": "tab:blue", "server_only": "tab:orange", "autoregressive": "tab:green"}
@@ -39,7 +39,7 @@ def plot_sweep(rows: list[dict[str, Any]], sweep: str, path: Path, title: str) -
             ys = [r[key] for _, r in pts]
             color = COLORS.get(s, f"C{i + 3}")
             ax.plot(xs, ys, marker="o", ms=4, label=s, color=color)
-            if key == "itl_ms_mean":
+            if key == "itl_ms_p50":
                 ax.plot(xs, [r["itl_ms_p95"] for _, r in pts], ls="--", color=color, lw=1)
         if log_x:
             ax.set_xscale("log")

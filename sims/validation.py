@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sims.calibration import Calibration, CalibrationError
-from sims.network import MODES, Result, Scenario, simulate
+from sims.network import MODES, Result, Scenario, server_draft_pass_ms, simulate
 
 METRICS = ("server_throughput_tps", "itl_ms_p50", "ttft_ms_p50")
 # Below these, a relative error means nothing (an ITL p50 of 0 ms happens: most tokens of
@@ -41,7 +41,8 @@ class Row:
 def bench_scenario(mode: str, streams: int, cal: Calibration, tokens: int | None = None,
                    seed: int = 0) -> Scenario:
     """The bench's workload as a scenario: `cal.prompts` requests (at least one per
-    stream) shared out over `streams` concurrent streams on one server, each request
+    stream) taken from one queue by `streams` concurrent streams on one server (the
+    bench's K clients, whose nodes all draft on the one node core), each request
     generating `tokens / requests` tokens when the bench says how many it generated
     (so early end-of-sequence is matched), else `max_new_tokens`."""
     requests = max(streams, cal.prompts)
@@ -49,8 +50,8 @@ def bench_scenario(mode: str, streams: int, cal: Calibration, tokens: int | None
     if tokens:
         per_request = max(1, round(tokens / requests))
     return Scenario(mode=mode, nodes=streams, verifiers=1,
-                    requests_per_node=math.ceil(requests / streams),
-                    max_new_tokens=per_request, seed=seed)
+                    requests_per_node=math.ceil(requests / streams), requests_total=requests,
+                    max_new_tokens=per_request, shared_draft_core=True, seed=seed)
 
 
 def simulate_bench(mode: str, streams: int, cal: Calibration, tokens: int | None = None,
@@ -143,6 +144,8 @@ def calibration_json(cal: Calibration) -> dict[str, Any]:
         "prompt_tokens": cal.prompt_tokens,
         "prices_usd_per_hour": {"server": cal.price_server_usd_h, "edge": cal.price_edge_usd_h},
     }
+    if cal.server_draft_pass is not None:
+        out["server_draft_pass_ms"] = cal.server_draft_pass
     if cal.server_draft is not None:
         out["server_draft_tree_ms_batch"] = {"batch": list(cal.server_draft.xs),
                                              "ms": list(cal.server_draft.ys)}
@@ -168,7 +171,8 @@ def fake_bench(cal: Calibration | None = None, streams: tuple[int, ...] = (1, 2,
     """A bench JSON whose `modes` come from the simulation: `prompts` requests, each
     figure the mean of `repeats` seeds (other seeds than `validate` uses) times a uniform
     (1 +- noise), then the compared figures times (1 + perturb)."""
-    cal = replace(cal or Calibration.default(), prompts=prompts)
+    cal = replace(cal or Calibration.default(), prompts=prompts, bench_streams=tuple(streams))
+    cal = replace(cal, server_draft_pass=server_draft_pass_ms(cal))
     rng = random.Random(seed)
     modes: dict[str, dict[str, Any]] = {}
     for mode in MODES:
@@ -197,6 +201,7 @@ def fake_bench(cal: Calibration | None = None, streams: tuple[int, ...] = (1, 2,
         "machine": {"cpu": "simulated", "cores": 0, "device": "cpu", "torch": "none"},
         "config": {"draft_model": "sim-draft", "target_model": "sim-target", "dtype": "sim",
                    "tree": tree, "max_new_tokens": cal.max_new_tokens, "prompts": cal.prompts,
+                   "streams": list(streams),
                    "server_cores": [], "node_cores": [], "fake": True, "noise": noise,
                    "perturb": perturb},
         "modes": modes,
