@@ -230,7 +230,10 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         "specedge_engine_busy_seconds_total",
         "specedge_spec_decode_num_drafts_total",
         "specedge_spec_decode_num_draft_tokens_total",
-        "specedge_spec_decode_num_accepted_tokens_total")}
+        "specedge_spec_decode_num_accepted_tokens_total",
+        "specedge_pass_seconds_sum", "specedge_pass_seconds_count",
+        "specedge_batch_tokens_sum", "specedge_batch_size_sum")}
+    passes = d["specedge_pass_seconds_count"]
     busy = d["specedge_engine_busy_seconds_total"]
     tokens = sum(len(r["token_ids"]) for r in results.values())
     edge_s = sum(r.draft_micros for r in rows) / 1e6
@@ -254,6 +257,14 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         "proactive_hit_rate": round(hits / bets, 4) if bets else None,
         "cost_per_1m_tokens_usd": cost_per_million(busy, edge_s, tokens, prices),
         "draft_tree_ms": round(edge_s * 1000 / max(len(rows), 1), 3),
+        # The verifier's own passes in this run: what the network costs it per pass.
+        "verifier_passes": int(passes),
+        "verifier_pass_ms_mean": round(d["specedge_pass_seconds_sum"] * 1000 / passes, 3)
+        if passes else None,
+        "verifier_pass_rows_mean": round(d["specedge_batch_tokens_sum"] / passes, 3)
+        if passes else None,
+        "verifier_requests_per_pass": round(d["specedge_batch_size_sum"] / passes, 3)
+        if passes else None,
         "token_ids": {str(i): r["token_ids"] for i, r in results.items()},
     }
 
@@ -281,8 +292,10 @@ def agreement(modes: dict[str, dict[str, dict]]) -> dict[str, str]:
     out = {}
     for mode in ("server_only", "specedge"):
         for k, row in modes.get(mode, {}).items():
-            ref = modes["autoregressive"].get(k, {}).get("token_ids", {})
+            ref = modes.get("autoregressive", {}).get(k, {}).get("token_ids", {})
             ids = row.get("token_ids", {})
+            if not ref:
+                continue
             same = sum(1 for i, t in ids.items() if ref.get(i) == t)
             out[f"{mode}/K={k}"] = f"{same}/{len(ids)}"
     return out
