@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from bench.prompts import prompt_set
+from specedge.demo import Processes, free_port
 from specedge.ledger.accounting import Prices
 
 MODES = ("autoregressive", "server_only", "specedge")
@@ -49,10 +50,11 @@ def parse_cores(text: str) -> list[int]:
     return out
 
 
-def pinned(cores: list[int], argv: list[str]) -> list[str]:
+def pinned(cores: list[int]) -> list[str]:
+    """The command prefix that pins a child process to `cores` (none without taskset)."""
     if shutil.which("taskset") is None:
-        return argv
-    return ["taskset", "-c", ",".join(map(str, cores)), *argv]
+        return []
+    return ["taskset", "-c", ",".join(map(str, cores))]
 
 
 def thread_env(cores: list[int]) -> dict[str, str]:
@@ -84,7 +86,7 @@ def run_server_mode(mode: str, k: int, args: argparse.Namespace, prompts_file: P
             "--target-model", args.target_model, "--draft-model", args.draft_model,
             "--dtype", args.dtype, "--device", args.device, "--chain", str(args.chain),
             "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(prompts_file)]
-    res = subprocess.run(pinned(args.server_cores, argv), capture_output=True, text=True,
+    res = subprocess.run([*pinned(args.server_cores), *argv], capture_output=True, text=True,
                          cwd=REPO, env=thread_env(args.server_cores), timeout=args.timeout)
     if res.returncode != 0:
         raise RuntimeError(f"{mode} K={k} failed:\n{res.stderr[-3000:]}")
@@ -99,7 +101,7 @@ class Network:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.procs: list[subprocess.Popen] = []
+        self.procs = Processes(workdir)
         self.ledger_url = f"sqlite:///{workdir / 'verifier-ledger.sqlite3'}"
         self.metrics_port = free_port()
         self.api_port = free_port()
@@ -107,13 +109,13 @@ class Network:
     def __enter__(self) -> Network:
         a = self.args
         announce = self.workdir / "verifier.addrs"
-        self.start([
+        v = self.procs.start("verifier", [
             "specedge-verifier", "serve", "--model", a.target_model, "--dtype", a.dtype,
             "--device", a.device, "--listen", "/ip4/127.0.0.1/tcp/0",
             "--announce-file", str(announce), "--identity", str(self.workdir / "verifier.key"),
             "--ledger", self.ledger_url, "--metrics-port", str(self.metrics_port),
-        ], a.server_cores, "verifier")
-        addr = wait_for_file(announce, a.timeout, self.procs[-1]).splitlines()[0]
+        ], pinned(a.server_cores), thread_env(a.server_cores))
+        addr = self.procs.wait_file(announce, v, a.timeout).splitlines()[0]
         node_announce = self.workdir / "node.addrs"
         node_args = [
             "specedge-node", "join", "--verifier", addr, "--target-model", a.target_model,
@@ -125,24 +127,12 @@ class Network:
         ]
         if a.no_proactive:
             node_args.append("--no-proactive")
-        self.start(node_args, a.node_cores, "node")
-        wait_for_file(node_announce, a.timeout, self.procs[-1])
+        n = self.procs.start("node", node_args, pinned(a.node_cores), thread_env(a.node_cores))
+        self.procs.wait_file(node_announce, n, a.timeout)
         return self
 
-    def start(self, argv: list[str], cores: list[int], name: str) -> None:
-        exe = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])
-        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        self.procs.append(subprocess.Popen(pinned(cores, [exe, *argv[1:]]), stdout=log,
-                                           stderr=subprocess.STDOUT, env=thread_env(cores)))
-
     def __exit__(self, *exc: object) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        self.procs.__exit__(*exc)
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -154,25 +144,6 @@ class Network:
                 key = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()))
                 out[key] = s.value
         return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_file(path: Path, timeout: float, proc: subprocess.Popen) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}; see its log")
-        time.sleep(0.2)
-    raise RuntimeError(f"{path} did not appear within {timeout} s")
 
 
 def metric(m: dict[str, float], name: str) -> float:

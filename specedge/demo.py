@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,10 +70,12 @@ class Processes:
         self.work = work
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], prefix: Sequence[str] = (),
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start console script argv[0]; `prefix` wraps it (e.g. taskset)."""
         log = open(self.work / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the child
-        proc = subprocess.Popen([script(argv[0]), *argv[1:]], stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*prefix, script(argv[0]), *argv[1:]], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
         self.procs.append((name, proc))
         return proc
 
