@@ -215,6 +215,62 @@ async def add_to_routing_table(dht: KadDHT, peer_id: ID) -> bool:
     return False
 
 
+CLOSE_TIMEOUT = 2.0  # seconds a stream we are done with may take to finish politely
+_DRAIN_CHUNK = 64 * 1024
+
+
+async def close_stream(stream: object, timeout: float = CLOSE_TIMEOUT) -> None:
+    """End a stream we are done with: bounded, never raises, leaves nothing behind.
+
+    Polite first: our FIN (frames we wrote still reach the peer), then whatever the
+    peer still sends is read and dropped until its own FIN. A peer that does not finish
+    within ``timeout`` gets a reset. Either way the bytes it sent that nobody read are
+    dropped now: py-libp2p 0.8.1 keeps a stream's unread bytes until the stream is
+    closed in both directions, and never, once the peer reset it and we closed it
+    (``YamuxStream.close`` marks a reset stream half-open again, so its sweeper skips
+    it). A peer writing 250 KB on a stream and resetting it, 12,000 times over one
+    connection, grew a verifier by 250 MB that way.
+    """
+    with trio.move_on_after(timeout) as scope:
+        scope.shield = True
+        try:
+            if not _reset_by_peer(stream):
+                await stream.close()  # type: ignore[attr-defined]
+                while await stream.read(_DRAIN_CHUNK):  # type: ignore[attr-defined]
+                    pass
+        except Exception:  # StreamEOF (the peer finished too), a reset, a broken conn
+            pass
+    with trio.move_on_after(timeout) as scope:
+        scope.shield = True
+        try:
+            await stream.reset()  # type: ignore[attr-defined]  # no-op once fully closed
+        except Exception:
+            pass
+        await _drop_unread(stream)
+
+
+def _reset_by_peer(stream: object) -> bool:
+    return bool(getattr(getattr(stream, "muxed_stream", None), "reset_received", False))
+
+
+async def _drop_unread(stream: object) -> None:
+    """Forget the bytes a finished stream's peer sent that were never read (yamux)."""
+    muxed = getattr(stream, "muxed_stream", None)
+    conn = getattr(muxed, "conn", None)
+    buffers = getattr(conn, "stream_buffers", None)
+    if not isinstance(buffers, dict):
+        return  # another muxer: nothing we know how to release
+    buf = buffers.get(getattr(muxed, "stream_id", None))
+    if buf:
+        buf.clear()
+    finalize = getattr(conn, "_finalize_stream", None)
+    if buf is not None and getattr(muxed, "closed", False) and finalize is not None:
+        try:
+            await finalize(muxed, fully_closed=True)  # drops the stream's bookkeeping
+        except Exception:
+            pass
+
+
 # ---------------------------------------------------------------------------- DHT
 
 
@@ -270,7 +326,19 @@ async def find_providers(
 
     Provider records cannot be withdrawn: a listed peer may be dead. Check liveness
     (e.g. an advert query) before relying on one.
+
+    Always asks the network. py-libp2p answers from its local provider store whenever
+    it holds a record for the key, and every lookup stores what it found there, so a
+    long-lived node would see the addresses of its first lookup for 48 hours: a
+    verifier restarted on another port (same identity) was never found again. The
+    local records are set aside during the walk (and returned only if the walk finds
+    nothing). Each provider the walk finds has its announced addresses put in the
+    peerstore and is let out of the swarm's "all addresses failed" cache (60 s): a
+    verifier that was dialled in vain while it restarted can be dialled again at once.
+    The cost is one more dial of a dead provider per lookup, which its liveness probe
+    makes anyway on a node's first lookup.
     """
+    cached = _set_aside_cached_providers(dht, key)
     try:
         with trio.move_on_after(timeout):
             found = await dht.find_providers(key, count)
@@ -278,11 +346,51 @@ async def find_providers(
             for info in found:
                 if info.peer_id != dht.host.get_id() and info.peer_id not in seen:
                     seen[info.peer_id] = info
+            for info in seen.values():
+                _learn_addrs(dht.host, info)
+            if not seen and cached:  # the network knows none: what we knew is all there is
+                seen = {i.peer_id: i for i in cached[2] if i.peer_id != dht.host.get_id()}
             return list(seen.values())
         log.warning("DHT find_providers %s timed out", key)
     except Exception as exc:
         log.warning("DHT find_providers %s failed: %s", key, exc)
+    finally:
+        _restore_cached_providers(dht, cached)
     return []
+
+
+def _set_aside_cached_providers(dht: KadDHT, key: str) -> tuple[bytes, dict, list] | None:
+    """Remove the provider store's records for ``key``: (store key, records, infos)."""
+    from libp2p.kad_dht import kad_dht as kad_module
+
+    encode = getattr(kad_module, "_encode_key", None)
+    providers = getattr(getattr(dht, "provider_store", None), "providers", None)
+    if encode is None or not isinstance(providers, dict):
+        return None  # another py-libp2p: its own behaviour stands
+    store_key = encode(key)
+    infos = dht.provider_store.get_providers(store_key) if store_key in providers else []
+    records = providers.pop(store_key, None)
+    return (store_key, records, infos) if records else None
+
+
+def _restore_cached_providers(dht: KadDHT, cached: tuple[bytes, dict, list] | None) -> None:
+    # Records the walk did not refresh go back (a DHT server also serves them to others).
+    if cached is None:
+        return
+    store_key, records, _ = cached
+    fresh = dht.provider_store.providers.setdefault(store_key, {})
+    for peer, record in records.items():
+        fresh.setdefault(peer, record)
+
+
+def _learn_addrs(host: IHost, info: PeerInfo) -> None:
+    """Put a provider's announced addresses in the peerstore and let the swarm dial it
+    again now rather than after its negative-cache minute."""
+    if info.addrs:
+        host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:
+        unblock(info.peer_id)
 
 
 # ---------------------------------------------------------------------------- process

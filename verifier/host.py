@@ -30,6 +30,12 @@ per session, every record a length-prefixed ``Frame`` (``protocol.framing``):
    frozen node (health monitor) is reaped the same way. On shutdown an idle session
    gets SHUTTING_DOWN; a request already received is answered first.
 
+Streams that hold no session yet (waiting for their OpenSession, or an advert query)
+are bounded: at most ``max_sessions_per_peer`` per peer and ``max_sessions`` in all. A
+stream over either bound is answered OVERLOADED at once, before anything is read, so a
+flood of streams that never finish their first frame costs a bounded amount of memory
+(each may buffer up to one frame limit until its timeout).
+
 Semantics: the session's KV cache holds ``prompt[:-1]``; ``prompt[-1]`` is the pending
 token. A request's tree hangs off the pending token (parent -1). The accepted path and
 the bonus token are committed and the bonus becomes the new pending token: exactly
@@ -67,6 +73,7 @@ from specedge.protocol.identity import peer_id_of
 from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, VERIFY_PROTOCOL, dht_key
 from specedge.protocol.limits import (
     ADVERT_TIMEOUT,
+    FRAME_LIMITS,
     HANDSHAKE_TIMEOUT,
     IDLE_TIMEOUT,
     MAX_FREE_SLOTS,
@@ -133,6 +140,9 @@ class Verifier:
         self._handlers_done = trio.Event()
         self._idle_scopes: set[trio.CancelScope] = set()
         self._drain_deadline = math.inf
+        # Streams not yet holding a session, per peer and in all (see the docstring).
+        self._unopened: dict[str, int] = {}
+        self._unopened_total = 0
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -167,9 +177,13 @@ class Verifier:
             return
         async with hosts.running_dht(host, bootstrap=self.config.bootstrap) as dht:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    lambda: hosts.provide_forever(dht, dht_key(self.config.model_id),
-                                                  interval=self.config.reannounce_interval))
+                # Started after the first announcement, so "ready" (the announce file)
+                # means "findable": a verifier restarted on a new address is otherwise
+                # looked up at its old one by nodes that ask right away.
+                await nursery.start(
+                    lambda task_status: hosts.provide_forever(
+                        dht, dht_key(self.config.model_id),
+                        interval=self.config.reannounce_interval, task_status=task_status))
                 yield
                 nursery.cancel_scope.cancel()
 
@@ -193,6 +207,31 @@ class Verifier:
         with trio.move_on_after(CLOSE_TIMEOUT):
             if self._handlers:
                 await self._handlers_done.wait()
+
+    @contextlib.contextmanager
+    def _unopened_slot(self, peer: str) -> Iterator[None]:
+        """Count a stream that holds no session yet; OVERLOADED past the bounds.
+
+        Without this bound, streams that never finish their first frame (slow loris)
+        each hold a handler and up to a frame's worth of buffered bytes for the
+        handshake timeout, and fresh identities cost nothing: 1000 such streams
+        from 4 peers grew the daemon by 260 MB.
+        """
+        if (self._unopened_total >= self.config.max_sessions
+                or self._unopened.get(peer, 0) >= self.config.max_sessions_per_peer):
+            raise ProtocolError(ErrorCode.OVERLOADED,
+                                "too many streams waiting for their first frame")
+        self._unopened[peer] = self._unopened.get(peer, 0) + 1
+        self._unopened_total += 1
+        try:
+            yield
+        finally:
+            self._unopened_total -= 1
+            left = self._unopened[peer] - 1
+            if left:
+                self._unopened[peer] = left
+            else:
+                del self._unopened[peer]
 
     @contextlib.contextmanager
     def _handler(self) -> Iterator[None]:
@@ -247,7 +286,8 @@ class Verifier:
         try:
             if self.stopping:
                 raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
-            frame = await read_frame(stream, timeout=HANDSHAKE_TIMEOUT)
+            with self._unopened_slot(peer):
+                frame = await read_frame(stream, timeout=HANDSHAKE_TIMEOUT)
             expect(frame, "open")
             msg = frame.open
             validate_open_session(
@@ -355,8 +395,10 @@ class Verifier:
             request_envelope=envelope, accepted=len(verdict.accepted),
             verify_seconds=outcome.seconds, model_id=self.config.model_id,
         )
-        # Committed whether or not the node hears back: the ledger records the work.
-        self.writer.submit(receipt, envelope)
+        # Committed whether or not the node hears back: the ledger records the work. And
+        # durable before the node hears back: a receipt the node holds must survive this
+        # process being killed right after the answer (see verifier.receipts).
+        await self.writer.durable(self.writer.submit(receipt, envelope))
         self.metrics.record_verdict(len(req.tokens), verdict.accepted)
         self._gauges()
         result = pb.VerifyResult(session_id=session.id, seq=req.seq, accepted=verdict.accepted,
@@ -400,7 +442,9 @@ class Verifier:
     async def _advert_handler(self, stream: INetStream) -> None:
         with self._handler():
             try:
-                frame = await read_frame(stream, timeout=ADVERT_TIMEOUT)
+                with self._unopened_slot(str(stream.muxed_conn.peer_id)):
+                    frame = await read_frame(stream, max_size=FRAME_LIMITS["advert_query"],
+                                             timeout=ADVERT_TIMEOUT)
                 expect(frame, "advert_query")
                 validate_advert_query(frame.advert_query)
                 wanted = frame.advert_query.model_id
@@ -433,11 +477,6 @@ def _sampling(msg: pb.Sampling) -> SamplingParams:
 
 
 async def _close(stream: INetStream) -> None:
-    """Close a stream, bounded: a peer that stopped reading must not hold us."""
-    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-        scope.shield = True
-        try:
-            await stream.close()
-        except Exception:
-            with contextlib.suppress(Exception):
-                await stream.reset()
+    """Close a stream, bounded: a peer that stopped reading must not hold us, and the
+    bytes it sent that we never read are released (see `hosts.close_stream`)."""
+    await hosts.close_stream(stream, CLOSE_TIMEOUT)

@@ -7,7 +7,13 @@ The ledger is written off the event loop by a few worker tasks, each calling the
 (blocking) ledger in a thread: `SpoolingLedger` keeps receipts on local disk while the
 database is down, and `Ledger.store_one` commits receipts that arrive together in one
 transaction, so several workers share fsyncs. On shutdown the queue is closed and the
-workers drain it before the process exits: a receipt answered to a node is never lost.
+workers drain it before the process exits.
+
+Durable before answered: `submit` returns an event set once the receipt is stored (or
+spooled, or refused), and the verifier waits for it (up to RECEIPT_WAIT) before it sends
+the result. Otherwise a verifier killed (SIGKILL, a crash, a power cut) between sending
+a result and its ledger commit loses a receipt the node holds: the fault tests saw it
+on the first try.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from specedge.verifier.metrics import VerifierMetrics
 log = logging.getLogger("specedge.verifier.receipts")
 
 WORKERS = 4
+# How long a result waits for its receipt to be durable. Past it (a database hanging
+# rather than refusing) the node is answered anyway; the receipt stays queued.
+RECEIPT_WAIT = 2.0
 
 
 def make_receipt(
@@ -72,18 +81,32 @@ class ReceiptWriter:
     def __init__(self, ledger: Ingest | None, metrics: VerifierMetrics | None = None) -> None:
         self.ledger = ledger
         self.metrics = metrics
-        self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes]](math.inf)
+        self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, trio.Event]](
+            math.inf)
         self.pending = 0
 
-    def submit(self, receipt_envelope: bytes, request_envelope: bytes) -> None:
-        """Hand a pair over; never blocks the caller."""
+    def submit(self, receipt_envelope: bytes, request_envelope: bytes) -> trio.Event:
+        """Hand a pair over; never blocks the caller. The event is set once the pair is
+        written (stored, spooled or refused)."""
+        written = trio.Event()
         if self.ledger is None:
-            return
+            written.set()
+            return written
         try:
-            self._send.send_nowait((receipt_envelope, request_envelope))
+            self._send.send_nowait((receipt_envelope, request_envelope, written))
             self.pending += 1
         except trio.ClosedResourceError:  # after shutdown began: write it now, inline
             self._write(receipt_envelope, request_envelope)
+            written.set()
+        return written
+
+    async def durable(self, written: trio.Event, timeout: float = RECEIPT_WAIT) -> bool:
+        """Wait (bounded) until a submitted pair is written; False if it is not yet."""
+        with trio.move_on_after(timeout):
+            await written.wait()
+        if not written.is_set():
+            log.warning("receipt not written within %g s; answering anyway", timeout)
+        return written.is_set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write until `close()` and the queue is empty."""
@@ -97,13 +120,15 @@ class ReceiptWriter:
         """No more receipts; `run` returns once the queued ones are written."""
         self._send.close()
 
-    async def _worker(self, receive: trio.MemoryReceiveChannel[tuple[bytes, bytes]]) -> None:
+    async def _worker(
+            self, receive: trio.MemoryReceiveChannel[tuple[bytes, bytes, trio.Event]]) -> None:
         async with receive:
-            async for receipt_env, request_env in receive:
+            async for receipt_env, request_env, written in receive:
                 # Shielded: a receipt taken off the queue is written even during shutdown.
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._write, receipt_env, request_env)
                 self.pending -= 1
+                written.set()
 
     def _write(self, receipt_env: bytes, request_env: bytes) -> None:
         assert self.ledger is not None
