@@ -133,8 +133,7 @@ async def open_stream(host: IHost, info: PeerInfo, protocol: str,
     """A new stream to `info` (dialling it if needed), bounded by `timeout`."""
     try:
         with trio.fail_after(timeout):
-            if info.addrs:
-                host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+            hosts.learn_addrs(host, info)
             return await host.new_stream(info.peer_id, [protocol])
     except trio.TooSlowError:
         raise ConnectionError(f"no stream to {info.peer_id} within {timeout:g} s") from None
@@ -233,13 +232,25 @@ class VerifierPool:
     async def open_session(self, request: SessionRequest, avoid: set[str]) -> Session:
         """Open a session on the best live verifier not in `avoid`.
 
-        Refreshes first when nothing usable is known. Tries each in rank order; one that
-        refuses (overloaded, shutting down) or fails is skipped. NoVerifierError when all
-        fail, naming why.
+        Refreshes first when nothing usable is known, and once more when every known one
+        fails (a verifier may have restarted elsewhere, or come back since the last
+        refresh). Tries each in rank order; one that refuses (overloaded, shutting down)
+        or fails is skipped. NoVerifierError when all fail, naming why.
         """
         if not [c for c in self.ranked if c.peer not in avoid]:
             await self.refresh()
         reasons: list[str] = []
+        session = await self._open_first(request, avoid, reasons)
+        if session is None and reasons:
+            await self.refresh()
+            session = await self._open_first(request, avoid, reasons)
+        if session is None:
+            raise NoVerifierError(self.explain(avoid, reasons))
+        return session
+
+    async def _open_first(self, request: SessionRequest, avoid: set[str],
+                          reasons: list[str]) -> Session | None:
+        """A session on the first ranked verifier (not in `avoid`) that opens one."""
         for cand in [c for c in self.ranked if c.peer not in avoid]:
             try:
                 stream = await open_stream(self.host, cand.info, VERIFY_PROTOCOL)
@@ -252,7 +263,7 @@ class VerifierPool:
             self.in_use[cand.peer] = self.in_use.get(cand.peer, 0) + 1
             session.on_end = lambda peer=cand.peer: self.released(peer)
             return session
-        raise NoVerifierError(self.explain(avoid, reasons))
+        return None
 
     def failed(self, verifier: str, reason: str) -> None:
         """Drop a verifier whose session failed until the next refresh probes it again, so

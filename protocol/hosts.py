@@ -347,7 +347,7 @@ async def find_providers(
                 if info.peer_id != dht.host.get_id() and info.peer_id not in seen:
                     seen[info.peer_id] = info
             for info in seen.values():
-                _learn_addrs(dht.host, info)
+                learn_addrs(dht.host, info)
             if not seen and cached:  # the network knows none: what we knew is all there is
                 seen = {i.peer_id: i for i in cached[2] if i.peer_id != dht.host.get_id()}
             return list(seen.values())
@@ -383,9 +383,13 @@ def _restore_cached_providers(dht: KadDHT, cached: tuple[bytes, dict, list] | No
         fresh.setdefault(peer, record)
 
 
-def _learn_addrs(host: IHost, info: PeerInfo) -> None:
-    """Put a provider's announced addresses in the peerstore and let the swarm dial it
-    again now rather than after its negative-cache minute."""
+def learn_addrs(host: IHost, info: PeerInfo) -> None:
+    """Put a peer's known addresses in the peerstore and let the swarm dial it again now.
+
+    py-libp2p refuses, for a minute, to dial a peer whose every address failed once (its
+    negative cache). A verifier that restarts, on its old address or a new one, would
+    then be unusable for that minute; our dials are already bounded and rare (a refresh,
+    a session), so we lift the block each time we mean to reach a peer."""
     if info.addrs:
         host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
     unblock = getattr(host.get_network(), "unblock_peer", None)

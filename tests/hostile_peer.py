@@ -15,6 +15,7 @@ Nothing in this module imports model code.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,17 @@ class Peer:
     async def stream(self, protocol: str = VERIFY_PROTOCOL) -> object:
         with trio.fail_after(STREAM_TIMEOUT):
             return await self.host.new_stream(self.info.peer_id, [protocol])
+
+    async def try_session(self, prompt: Sequence[int], max_new_tokens: int = 64
+                          ) -> Session | Outcome:
+        """A session, or how the verifier refused to open one."""
+        s = await self.stream()
+        out = await probe(s, encode_frame(pb.Frame(open=open_msg(prompt, max_new_tokens))),
+                          timeout=60, close_after=False)
+        if out.kind == "frame:opened":
+            return Session(s, self, out.opened)  # type: ignore[attr-defined]
+        await hang_up(s)
+        return out
 
     async def session(self, prompt: Sequence[int], max_new_tokens: int = 64,
                       model_id: str = "tiny-test") -> Session:
@@ -133,6 +145,8 @@ async def next_outcome(stream: object, timeout: float) -> Outcome:
         out = Outcome(f"frame:{kind}", time.monotonic() - start)
     if kind == "result":
         out.result = frame.result  # type: ignore[attr-defined]
+    if kind == "opened":
+        out.opened = frame.opened  # type: ignore[attr-defined]
     return out
 
 
@@ -181,6 +195,12 @@ async def peers(verifier_addr: str, n: int = 1) -> AsyncIterator[list[Peer]]:
 
 
 def run(async_fn, *args: object) -> object:  # noqa: ANN001
-    """trio.run with libp2p's noise kept quiet (the host logs on the root logger)."""
-    hosts.configure_logging(-1)
-    return trio.run(async_fn, *args)
+    """trio.run with libp2p's INFO chatter (dial storms of its auto-connector, DHT
+    noise) held back for the duration; the process's logging is otherwise untouched."""
+    quiet = logging.getLogger("libp2p")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return trio.run(async_fn, *args)
+    finally:
+        quiet.setLevel(level)

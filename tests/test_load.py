@@ -164,3 +164,40 @@ def test_concurrent_sessions_short(tmp_path):
 def test_64_sessions_from_4_processes(tmp_path):
     figures = run_load(tmp_path, processes=4, per_process=16, duration=60.0)
     assert figures["mean_batch_requests"] > 4  # the batches really held many sessions
+
+
+@pytest.mark.slow
+def test_long_sessions_leave_memory_flat_across_rounds(tmp_path):
+    """Rounds of 32 long sessions (1500 tokens each, KV caches growing every round and
+    freed in ever new sizes): the idle daemon's RSS must not climb from round to round.
+    It did, 10 to 15 MB a round, until the verifier capped glibc's malloc arenas (worker
+    threads each kept their own arena of freed memory); see verifier.cli."""
+    truth_file = tmp_path / "truths.json"
+    _truths(truth_file, 1600)
+    v = Verifier(tmp_path, "soak", "--no-dht", "--max-sessions", "64",
+                 "--max-sessions-per-peer", "16", "--max-batch-tokens", "1024").ready()
+    idle = []
+    try:
+        for rnd in range(4):
+            start_file = tmp_path / f"start{rnd}"
+            clients = [Proc(python_script(CLIENT, "--addr", v.addr, "--truth-file", truth_file,
+                                          "--sessions", 16, "--offset", i * 16, "--duration",
+                                          20, "--start-file", start_file, "--miss", 0.2,
+                                          "--segment", 1500), tmp_path, f"soak{rnd}-{i}")
+                       for i in range(2)]
+            try:
+                for c in clients:
+                    c.wait_for_output("OPEN", 120)
+                start_file.write_text(str(time.time() + 0.3))
+                for c in clients:
+                    assert c.wait(120) == 0, c.describe()
+                    assert not json.loads(c.stdout().strip().splitlines()[-1])["errors"]
+            finally:
+                for c in clients:
+                    c.kill()
+            wait_until(lambda: v.metric("specedge_sessions_open") == 0, 30, "sessions closed")
+            idle.append(settled_rss(v.proc.pid, 0.5))
+    finally:
+        v.kill()
+    print(f"idle verifier RSS after each round (MiB): {[mib(r) for r in idle]}")
+    assert max(idle[1:]) - idle[0] < 16 * 2**20, [mib(r) for r in idle]
