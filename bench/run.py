@@ -37,6 +37,7 @@ import httpx
 from bench.prompts import prompt_set
 from specedge.demo import Processes, free_port
 from specedge.ledger.accounting import Prices
+from specedge.protocol.limits import BATCH_WAIT
 
 MODES = ("autoregressive", "server_only", "specedge")
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +115,7 @@ class Network:
             "--device", a.device, "--listen", "/ip4/127.0.0.1/tcp/0",
             "--announce-file", str(announce), "--identity", str(self.workdir / "verifier.key"),
             "--ledger", self.ledger_url, "--metrics-port", str(self.metrics_port),
+            "--batch-wait", str(a.batch_wait),
         ], pinned(a.server_cores), thread_env(a.server_cores))
         addr = self.procs.wait_file(announce, v, a.timeout).splitlines()[0]
         node_announce = self.workdir / "node.addrs"
@@ -203,7 +205,8 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         "specedge_spec_decode_num_draft_tokens_total",
         "specedge_spec_decode_num_accepted_tokens_total",
         "specedge_pass_seconds_sum", "specedge_pass_seconds_count",
-        "specedge_batch_tokens_sum", "specedge_batch_size_sum")}
+        "specedge_batch_tokens_sum", "specedge_batch_size_sum",
+        "specedge_gather_seconds_total")}
     passes = d["specedge_pass_seconds_count"]
     busy = d["specedge_engine_busy_seconds_total"]
     tokens = sum(len(r["token_ids"]) for r in results.values())
@@ -236,6 +239,8 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         if passes else None,
         "verifier_requests_per_pass": round(d["specedge_batch_size_sum"] / passes, 3)
         if passes else None,
+        # Engine held for due requests to join a pass (idle, not busy; see --batch-wait).
+        "verifier_gather_s": round(d["specedge_gather_seconds_total"], 4),
         "token_ids": {str(i): r["token_ids"] for i, r in results.items()},
     }
 
@@ -392,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="cores for node work (default: second half)")
     ap.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
     ap.add_argument("--no-proactive", action="store_true", help="nodes draft only on demand")
+    ap.add_argument("--batch-wait", type=float, default=BATCH_WAIT, metavar="PASSES",
+                    help="the verifier's hold for due sessions (specedge-verifier "
+                    "--batch-wait; 0 never holds; default %(default)s)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-run limit in seconds")
     args = ap.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
@@ -418,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                    "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
                    "prompt_kinds": sorted({k for k, _ in prompts}),
                    "server_cores": args.server_cores, "node_cores": args.node_cores,
-                   "streams": ks, "proactive": not args.no_proactive},
+                   "streams": ks, "proactive": not args.no_proactive,
+                   "batch_wait": args.batch_wait},
         "modes": {},
     }
     samples: dict = {"verify_ms": {"batch_tokens": [], "ms": []},

@@ -60,5 +60,6 @@ MAX_VARINT_BYTES = 9  # libp2p unsigned-varint: at most 63 bits
 HANDSHAKE_TIMEOUT = 30.0  # OpenSession -> SessionOpened includes a prefill
 RESULT_TIMEOUT = 60.0  # a VerifyRequest may queue behind other sessions' batches
 IDLE_TIMEOUT = 300.0  # verifier waiting for a session's next request
+BATCH_WAIT = 1.5  # verifier holding a free engine for due requests, in mean passes
 WRITE_TIMEOUT = 10.0
 ADVERT_TIMEOUT = 5.0

@@ -159,7 +159,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rtt-ms", dest="rtt_ms", type=float)
     r.add_argument("--acceptance-scale", dest="acceptance_scale", type=float)
     r.add_argument("--choice", choices=["least_loaded", "random"])
-    r.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=float)
+    r.add_argument("--batch-wait", dest="batch_wait", type=float,
+                   help="verifier hold for due sessions, in mean passes (0: none)")
     r.add_argument("--fail-fraction", dest="fail_fraction", type=float)
     r.add_argument("--fail-at", dest="fail_at_s", type=float)
     r.add_argument("--no-proactive", dest="proactive", action="store_false", default=None)

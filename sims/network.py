@@ -71,7 +71,7 @@ class Scenario:
     choice: str = "least_loaded"  # how a node picks its verifier
     max_batch_tokens: int = 1024  # a verifier pass takes ready requests up to this
     prefill_chunk: int = 512  # prefill runs in chunks of this many tokens, one per pass
-    batch_wait_ms: float = 0.0  # a free verifier waits this long for all its sessions
+    batch_wait: float = 1.5  # a free verifier holds for sessions due within this many passes
     fail_fraction: float = 0.0  # verifiers that die at `fail_at_s`
     fail_at_s: float | None = None  # None: half way through the run
     detect_timeout_s: float = 2.0  # a node gives a silent verifier this long
@@ -142,13 +142,15 @@ class Request:
 class Job:
     """One message a verifier handles: a verify request (tokens) and/or a prefill."""
 
-    __slots__ = ("tokens", "prefill", "done", "sent")
+    __slots__ = ("tokens", "prefill", "done", "sent", "session")
 
-    def __init__(self, tokens: int, prefill: int, done: simpy.Event, sent: float):
+    def __init__(self, tokens: int, prefill: int, done: simpy.Event, sent: float,
+                 session: int = -1):
         self.tokens = tokens
         self.prefill = prefill  # prompt tokens still to prefill
         self.done = done  # succeeds with True (verdict, or session ready) or None (gone)
         self.sent = sent
+        self.session = session  # the node's index (verify jobs): whose rhythm it is
 
 
 class Recorder:
@@ -221,9 +223,11 @@ def lognormal_factor(rng: random.Random, cv: float) -> float:
 
 
 class Verifier:
-    """A host with the target model: continuous batching with a token budget, no barrier.
-    Whenever it is free it takes every ready message (oldest first) up to the budget and
-    runs them as one forward pass; a message arriving meanwhile waits for the next."""
+    """A host with the target model, as `verifier.scheduler` runs it: continuous batching
+    with a token budget. Whenever it is free it holds for the sessions whose next request
+    is due within `batch_wait` mean passes (each session's rhythm: answer to next
+    request), then takes every ready message (oldest first) up to the budget and runs
+    them as one forward pass; a message arriving meanwhile waits for the next."""
 
     def __init__(self, sim: Simulation, index: int):
         self.sim = sim
@@ -234,8 +238,9 @@ class Verifier:
         self.alive = True
         self.died_at = math.inf
         self.sessions = 0  # what it advertises: sessions open on it
-        self.queued_verify = 0
-        self.all_ready: simpy.Event | None = None
+        # session -> [answered at, think seconds or -1, owes a request]
+        self.rhythms: dict[int, list] = {}
+        self.mean_pass_s = 0.0
         sim.env.process(self.serve())
 
     def submit(self, job: Job) -> None:
@@ -243,30 +248,59 @@ class Verifier:
             self.sim.fail_later(job, job.sent + self.sim.sc.detect_timeout_s)
             return
         self.queue.append(job)
-        if job.tokens:
-            self.queued_verify += 1
+        r = self.rhythms.get(job.session) if job.tokens else None
+        if r is not None and r[2]:
+            think = self.sim.env.now - r[0]
+            r[1] = think if r[1] < 0 else r[1] + 0.2 * (think - r[1])
+            r[2] = False
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
-        if (self.all_ready is not None and not self.all_ready.triggered
-                and self.queued_verify >= self.sessions):
-            self.all_ready.succeed()
+
+    def due_by(self, deadline: float) -> list[float]:
+        """Due times (<= deadline) of sessions that owe a request, not queued, not stale."""
+        now = self.sim.env.now
+        queued = {job.session for job in self.queue}
+        due = []
+        for sid, (answered, think, owed) in list(self.rhythms.items()):
+            if not owed or think < 0 or sid in queued:
+                continue
+            when = answered + think
+            if when + think < now:
+                del self.rhythms[sid]
+            elif when <= deadline:
+                due.append(when)
+        return due
+
+    def gather(self) -> Generator[simpy.Event, Any, None]:
+        env = self.sim.env
+        hold = self.sim.sc.batch_wait * self.mean_pass_s
+        deadline = env.now + hold
+        due = self.due_by(deadline) if hold > 0 else []
+        if len(due) < sum(1 for job in self.queue if job.tokens):
+            return  # busy anyway: what is due can take the next pass, back to back
+        while due and self.alive:
+            until = min(deadline, max(due) + 0.5 * self.mean_pass_s)
+            self.wake = env.event()
+            yield env.any_of([self.wake, env.timeout(max(0.0, until - env.now))])
+            self.wake = None
+            if env.now >= until:
+                break
+            due = self.due_by(deadline)
+
+    def forget(self, session: int) -> None:
+        self.rhythms.pop(session, None)
 
     def serve(self) -> Generator[simpy.Event, Any, None]:
         sim, env, cal = self.sim, self.sim.env, self.sim.cal
-        wait_s = sim.sc.batch_wait_ms / 1000
         while self.alive:
             if not self.queue:
                 self.wake = env.event()
                 yield self.wake
                 self.wake = None
                 continue
-            if wait_s > 0 and self.queued_verify < self.sessions:
-                # Not everyone is ready: give the others a moment to join this pass.
-                self.all_ready = env.event()
-                yield env.any_of([self.all_ready, env.timeout(wait_s)])
-                self.all_ready = None
-                if not self.alive:
-                    return
+            yield from self.gather()
+            if not self.alive:
+                return
             batch, verify_tokens, prefill_tokens = self.take()
             ms = cal.pass_ms(verify_tokens + prefill_tokens)  # one packed forward
             start = env.now
@@ -278,8 +312,13 @@ class Verifier:
                 return  # the jobs were failed when it died
             sim.rec.batches += 1
             sim.rec.batch_tokens += verify_tokens + prefill_tokens
+            if verify_tokens:
+                took = env.now - start
+                self.mean_pass_s += (took - self.mean_pass_s) * (0.2 if self.mean_pass_s else 1)
             for job, size in batch:
                 if job.tokens:
+                    r = self.rhythms.setdefault(job.session, [env.now, -1.0, True])
+                    r[0], r[2] = env.now, True
                     job.done.succeed(True)
                 else:
                     job.prefill -= size
@@ -306,7 +345,6 @@ class Verifier:
                 budget -= size
                 if job.tokens:
                     verify_tokens += size
-                    self.queued_verify -= 1
                 else:
                     prefill_budget -= size
                     prefill_tokens += size
@@ -323,7 +361,6 @@ class Verifier:
         for job in list(self.queue) + self.running:
             self.sim.fail_later(job, self.died_at + self.sim.sc.detect_timeout_s)
         self.queue.clear()
-        self.queued_verify = 0
         self.running = []
 
 
@@ -547,7 +584,7 @@ class Simulation:
             ready = t + self.first_tree_s(req.prompt)
             rec.edge(t, ready)
             while req.generated < self.max_new:
-                job = Job(tree + 1, 0, env.event(), ready)  # the pending token + the tree
+                job = Job(tree + 1, 0, env.event(), ready, index)  # pending token + tree
                 self.send(link, verifier, job, ready)
                 bet = self.draft_s(self.depth + 1) if sc.proactive else 0.0
                 ok = yield job.done
@@ -557,6 +594,7 @@ class Simulation:
                     rec.failovers += 1
                     rec.edge(ready, min(ready + bet, env.now))
                     verifier.sessions -= 1
+                    verifier.forget(index)
                     verifier, ready = yield from self.open_session(
                         link, req.prompt + req.generated, env.now)
                     continue
@@ -586,6 +624,7 @@ class Simulation:
                     ready = stop + d
             rec.finish(req)
             verifier.sessions -= 1
+            verifier.forget(index)
 
     def node_shared(self, index: int, core: SharedCore) -> Generator[simpy.Event, Any, None]:
         """One stream of the bench's node process: every stream drafts on one shared core.
@@ -608,7 +647,7 @@ class Simulation:
             yield env.timeout(max(0.0, t - env.now))
             yield from core.work(self.first_tree_s(req.prompt), CRITICAL, rec)
             while req.generated < self.max_new:
-                job = Job(tree + 1, 0, env.event(), env.now)
+                job = Job(tree + 1, 0, env.event(), env.now, index)
                 self.send(link, verifier, job, env.now)
                 bet = core.start(self.draft_s(self.depth + 1), BET) if sc.proactive else None
                 ok = yield job.done
@@ -618,6 +657,7 @@ class Simulation:
                         core.cut(bet, step)
                         yield from core.wait(bet, rec)
                     verifier.sessions -= 1
+                    verifier.forget(index)
                     verifier, t = yield from self.open_session(
                         link, req.prompt + req.generated, env.now)
                     yield env.timeout(max(0.0, t - env.now))
@@ -641,6 +681,7 @@ class Simulation:
                 yield from core.work(rest if hit else self.draft_s(self.depth), CRITICAL, rec)
             rec.finish(req)
             verifier.sessions -= 1
+            verifier.forget(index)
 
     def open_session(self, link: Link, tokens: int, at: float
                      ) -> Generator[simpy.Event, Any, tuple[Verifier, float]]:

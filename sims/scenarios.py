@@ -109,7 +109,7 @@ def _report(i: int, n: int, s: Scenario, res: dict[str, Any], t0: float) -> None
     rate = res["events"] / res["runtime_s"] if res["runtime_s"] else 0.0
     print(f"  [{i:>2}/{n}] {s.mode:<14} nodes={s.nodes:<6} rtt={s.rtt_ms or 0:<5g} "
           f"acc_scale={s.acceptance_scale:<4g} fail={s.fail_fraction:<5g} {s.choice:<12} "
-          f"wait={s.batch_wait_ms:<4g} "
+          f"wait={s.batch_wait:<4g} "
           f"{res['runtime_s']:6.1f} s, {rate / 1000:5.0f}k events/s "
           f"(elapsed {time.perf_counter() - t0:5.0f} s)", flush=True)
 

@@ -141,12 +141,14 @@ def test_session_limits_per_peer_and_per_host(models):
 
 def test_idle_session_times_out_and_is_freed(models):
     async def body(verifier: Verifier, client: Client) -> None:
-        conn = await client.session(PROMPT, 8)
-        assert len(verifier.table) == 1
+        conn = await client.session(PROMPT, 64)
+        await client.generate(conn, PROMPT, 4, CHAIN)  # a few rounds: it has a rhythm
+        assert len(verifier.table) == 1 and len(verifier.scheduler._rhythms) == 1
         frame = await read_frame(conn.stream, timeout=10)
         assert frame.error.code == ErrorCode.TIMEOUT
         await trio.sleep(0.1)
         assert len(verifier.table) == 0 and verifier.table.free_slots == 64
+        assert not verifier.scheduler._rhythms  # never held for again
 
     run_with_verifier(models, body, idle_timeout=0.5)
 

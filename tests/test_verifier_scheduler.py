@@ -9,6 +9,7 @@ import trio
 
 from specedge.models import build_tiny
 from specedge.protocol.errors import ErrorCode, ProtocolError
+from specedge.protocol.limits import BATCH_WAIT
 from specedge.sampling import SamplingParams
 from specedge.verification import TargetSession
 from specedge.verifier.engine import PrefillJob, TargetEngine, VerifyJob
@@ -239,3 +240,96 @@ def test_prefill_job_shape(target):
     engine.run([engine.next_prefill(s)])
     assert engine.next_prefill(s) is None and s.prefilled
     assert VerifyJob(s, [1], [-1]).size == 2
+
+
+# ---------------------------------------------------------------------------- gathering
+
+
+class PacedEngine(RecordingEngine):
+    """A pass that takes `pass_s` more, like a large model: what makes batching pay."""
+
+    def __init__(self, *args, pass_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pass_s = pass_s
+
+    def run(self, jobs):
+        import dataclasses
+        import time
+
+        time.sleep(self.pass_s)
+        result = super().run(jobs)
+        return dataclasses.replace(result, seconds=result.seconds + self.pass_s)
+
+
+def _paced_nodes(target, batch_wait: float = BATCH_WAIT, *, nodes: int = 4, rounds: int = 14,
+                 think: float = 0.15, stop_after: dict[int, int] | None = None):
+    """Sessions that think `think` s after each answer (a node drafting), started out of
+    step; returns (engine, metrics, scheduler)."""
+    engine = PacedEngine(target, prefill_chunk=32, pass_s=0.06)
+    metrics = VerifierMetrics()
+    sched = Scheduler(engine, max_batch_tokens=256, metrics=metrics, batch_wait=batch_wait)
+    stop_after = stop_after or {}
+
+    async def node(i: int) -> None:
+        s = session(engine, [1 + i, 2, 3])
+        await sched.prefill(s)
+        await trio.sleep(0.037 * i)  # out of step to begin with
+        for r in range(rounds):
+            if r == stop_after.get(i):
+                await trio.sleep(3.0)  # stalls, session still open
+                return
+            await sched.verify(s, [5, 6, 7, 8], [-1, 0, 1, 2])
+            await trio.sleep(think)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sched.run)
+            async with trio.open_nursery() as clients:
+                for i in range(nodes):
+                    clients.start_soon(node, i)
+            sched.close()
+
+    trio.run(bounded, main)
+    return engine, metrics, sched
+
+
+def _requests_per_pass(engine: RecordingEngine, last: int) -> float:
+    """Mean verify requests in the `last` passes before the final one (where sessions
+    that started a round apart finish one by one)."""
+    sizes = [sum(k == "verify" for k, _, _ in p) for p in engine.log]
+    sizes = [n for n in sizes if n][-last - 1:-1]
+    return sum(sizes) / len(sizes)
+
+
+def test_sessions_out_of_step_are_gathered_into_shared_passes(target):
+    """Four sessions arriving 37 ms apart, each pass 60 ms: without a hold they settle
+    into a pipeline of three groups a pass apart (and with a hold of one pass, into
+    two); holding up to 1.5 passes brings them into step, so the late rounds share one
+    pass each."""
+    loose, _, _ = _paced_nodes(target, batch_wait=0.0)
+    gathered, metrics, sched = _paced_nodes(target)
+    loose_rpp = _requests_per_pass(loose, 8)
+    gathered_rpp = _requests_per_pass(gathered, 8)
+    print(f"requests per pass, last 8 passes: no hold {loose_rpp:.2f}, hold {gathered_rpp:.2f}")
+    assert gathered_rpp >= 3.5
+    assert gathered_rpp > loose_rpp + 0.5
+    assert len(gathered.log) < len(loose.log)
+    # The hold is short once they are in step (a few passes' worth in all).
+    held = metrics.gather_seconds._value.get()
+    assert 0 < held <= 6 * BATCH_WAIT * 0.065, held
+
+
+def test_a_lone_session_never_waits(target):
+    _, metrics, _ = _paced_nodes(target, nodes=1, rounds=6)
+    assert metrics.gather_seconds._value.get() == 0
+
+
+def test_a_stalled_session_stops_holding_the_others(target):
+    """Node 1 goes quiet after 3 rounds without closing: the hold for it ends with its
+    grace, and node 0's later rounds are not held at all."""
+    engine, metrics, _ = _paced_nodes(target, nodes=2, rounds=14, stop_after={1: 3})
+    verify_passes = [p for p in engine.log if any(k == "verify" for k, _, _ in p)]
+    held = metrics.gather_seconds._value.get()
+    # Node 1 stalls once: it can hold at most a couple of node 0's passes.
+    assert held <= 3 * BATCH_WAIT * 0.065, held
+    assert len(verify_passes) >= 14

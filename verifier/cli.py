@@ -13,7 +13,7 @@ log = logging.getLogger("specedge.verifier")
 
 def build_parser() -> argparse.ArgumentParser:
     from specedge.protocol.hosts import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
-    from specedge.protocol.limits import IDLE_TIMEOUT, MAX_TREE_TOKENS
+    from specedge.protocol.limits import BATCH_WAIT, IDLE_TIMEOUT, MAX_TREE_TOKENS
 
     parser = argparse.ArgumentParser(
         prog="specedge-verifier",
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tree-tokens", type=int, default=64, metavar="N",
                    help=f"largest tree a request may carry (default: %(default)s; at most "
                    f"{MAX_TREE_TOKENS} and below --max-batch-tokens)")
+    p.add_argument("--batch-wait", type=float, default=BATCH_WAIT, metavar="PASSES",
+                   help="hold a free engine for sessions whose next request is due within "
+                   "this many mean passes, so they share one pass instead of taking one "
+                   "each (more server throughput, a little latency while sessions fall "
+                   "into step); 0 never holds (default: %(default)s)")
     p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                    help="prompt rows prefilled per pass and session (default: %(default)s)")
     p.add_argument("--max-sessions", type=int, default=64, metavar="N",
@@ -91,6 +96,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prefill-chunk must be positive")
     if args.max_sessions < 1 or args.max_sessions_per_peer < 1:
         raise ValueError("session limits must be positive")
+    if not 0 <= args.batch_wait <= 4:
+        raise ValueError("--batch-wait must be in [0, 4] (mean passes)")
 
 
 # glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX).
@@ -154,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         max_batch_tokens=args.max_batch_tokens,
         max_tree_tokens=args.max_tree_tokens,
+        batch_wait=args.batch_wait,
         max_sessions=args.max_sessions,
         max_sessions_per_peer=args.max_sessions_per_peer,
         idle_timeout=args.idle_timeout,

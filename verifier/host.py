@@ -73,6 +73,7 @@ from specedge.protocol.identity import peer_id_of
 from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, VERIFY_PROTOCOL, dht_key
 from specedge.protocol.limits import (
     ADVERT_TIMEOUT,
+    BATCH_WAIT,
     FRAME_LIMITS,
     HANDSHAKE_TIMEOUT,
     IDLE_TIMEOUT,
@@ -109,6 +110,7 @@ class VerifierConfig:
     bootstrap: list[str] = field(default_factory=list)
     max_batch_tokens: int = 1024
     max_tree_tokens: int = 64
+    batch_wait: float = BATCH_WAIT  # hold for due sessions, in mean passes
     max_sessions: int = 64
     max_sessions_per_peer: int = 16
     idle_timeout: float = IDLE_TIMEOUT
@@ -132,7 +134,8 @@ class Verifier:
         self.config = config
         self.metrics = metrics or VerifierMetrics()
         self.table = SessionTable(config.max_sessions, config.max_sessions_per_peer)
-        self.scheduler = Scheduler(engine, config.max_batch_tokens, self.metrics)
+        self.scheduler = Scheduler(engine, config.max_batch_tokens, self.metrics,
+                                   batch_wait=config.batch_wait)
         self.writer = ReceiptWriter(ledger, self.metrics)
         self.addrs: list[str] = []
         self.stopping = False
@@ -276,6 +279,7 @@ class Verifier:
             reason = await self._run_session(stream, session)
         finally:
             self.table.remove(session)
+            self.scheduler.forget(session)
             self.table.release(peer)
             self.metrics.sessions_closed.labels(reason=reason).inc()
             self._gauges()

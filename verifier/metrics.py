@@ -58,6 +58,9 @@ class VerifierMetrics:
                                       buckets=_TOKEN_BUCKETS, registry=r)
         self.pass_seconds = Histogram(p + "pass_seconds", "Wall time of one forward pass",
                                       buckets=_SECONDS_BUCKETS, registry=r)
+        self.gather_seconds = Counter(p + "gather_seconds",
+                                      "Time the engine was held for due requests to join "
+                                      "a pass", registry=r)
         self.busy_seconds = Counter(p + "engine_busy_seconds", "Time the engine spent in passes",
                                     registry=r)
         self.verify_latency = Histogram(p + "verify_latency_seconds",

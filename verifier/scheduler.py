@@ -8,6 +8,22 @@ joins the next one, as SpecEdge's pipeline-aware scheduling intends: a node draf
 its next tree while its request is out keeps the verifier busy without waiting for a
 batch to fill.
 
+Pipeline-aware gathering: a pass's cost grows far slower than its rows (on the bench's
+CPU, 5 rows take 210 ms and 20 rows 335 ms), so a request that joins a pass instead of
+running alone in the next one saves most of a pass. Each session has a rhythm: the time
+from its answer to its next request (the node drafting). When the engine comes free,
+the scheduler holds the pass for sessions whose next request is due within `batch_wait`
+mean passes, and starts as soon as they are all in. Why more than one pass: sessions left
+alone settle into a pipeline, each group arriving just as the previous group's pass
+ends, one pass apart, and every pass then costs nearly a full pass for a fraction of the
+sessions. A longer hold merges the groups, and sessions answered together draft
+together and come back together, so they stay in step and later holds are short. A
+held request loses at most the hold; one due within a pass gains, since it would
+otherwise wait for this pass and then run its own. A lone session never waits, nor does
+a queue that already holds more requests than are due. `sims/` models the same rule:
+with 4 to 32 edges per verifier it raises tokens per busy second by 35 to 60% for at
+most 7% more inter-token latency.
+
 Fairness: the queue is FIFO. A pass takes jobs in queue order and skips (leaves in
 place) any that does not fit the remaining budget, so a large job is never overtaken
 forever: once it is at the head it goes first, and every job fits an empty pass. Each
@@ -31,6 +47,7 @@ from dataclasses import dataclass, field
 import trio
 
 from specedge.protocol.errors import ErrorCode, ProtocolError
+from specedge.protocol.limits import BATCH_WAIT
 from specedge.verification import Verdict
 from specedge.verifier.engine import PassResult, PrefillJob, TargetEngine, VerifyJob
 from specedge.verifier.metrics import VerifierMetrics
@@ -68,14 +85,36 @@ class _Work:
         self.done.set()
 
 
+@dataclass
+class _Rhythm:
+    """When a session's next request is due: its last answer plus its usual think time."""
+
+    answered_at: float
+    think: float | None = None  # moving average of answer -> next request, seconds
+    owed: bool = True  # answered, next request not yet submitted
+
+    def due(self) -> float:
+        assert self.think is not None
+        return self.answered_at + self.think
+
+
+_EWMA = 0.2  # weight of the newest sample in the moving averages
+
+
 class Scheduler:
     def __init__(self, engine: TargetEngine, max_batch_tokens: int,
-                 metrics: VerifierMetrics | None = None) -> None:
+                 metrics: VerifierMetrics | None = None,
+                 batch_wait: float = BATCH_WAIT) -> None:
         if max_batch_tokens < engine.prefill_chunk:
             raise ValueError("max_batch_tokens must hold at least one prefill chunk")
+        if batch_wait < 0:
+            raise ValueError("batch_wait must be >= 0")
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
+        self.batch_wait = batch_wait  # in mean passes; 0: never hold a pass
+        self.mean_pass_seconds = 0.0  # moving average of verify passes' time
+        self._rhythms: dict[bytes, _Rhythm] = {}  # session id -> rhythm
         self._queue: deque[_Work] = deque()
         self._wakeup = trio.Event()
         self._closing = False
@@ -98,6 +137,12 @@ class Scheduler:
         on; the caller's session is then being torn down anyway.
         """
         start = trio.current_time()
+        rhythm = self._rhythms.get(session.id)
+        if rhythm is not None and rhythm.owed:
+            think = start - rhythm.answered_at
+            rhythm.think = think if rhythm.think is None else (
+                rhythm.think + _EWMA * (think - rhythm.think))
+            rhythm.owed = False
         work = await self._submit(_Work(session, VerifyJob(session.state, tokens, parents)))
         assert work.outcome is not None
         elapsed = trio.current_time() - start
@@ -130,6 +175,8 @@ class Scheduler:
         task_status.started()
         limiter = trio.CapacityLimiter(1)  # one engine thread at a time
         while True:
+            if self._queue and not self._closing:
+                await self._gather()
             batch = self._take()
             if not batch:
                 if self._closing:
@@ -152,6 +199,47 @@ class Scheduler:
                 self.running = 0
             self.passes += 1
             self._deliver(batch, jobs, result)
+
+    async def _gather(self) -> None:
+        """Hold the next pass until the sessions due within the hold have submitted
+        (see the module docstring); at most `batch_wait` mean passes."""
+        hold = self.batch_wait * self.mean_pass_seconds
+        start = trio.current_time()
+        deadline = start + hold
+        due = self._due_by(deadline) if hold > 0 else []
+        if not due or len(due) < sum(1 for w in self._queue if w.verify is not None):
+            return  # nothing due, or more waiting than due: this pass is worth running now
+        while due:
+            self._wakeup = trio.Event()
+            # A little grace for the latest one's jitter; never past the hold.
+            until = min(deadline, max(due) + 0.5 * self.mean_pass_seconds)
+            with trio.move_on_at(until):
+                await self._wakeup.wait()  # a submit (or close) wakes us to look again
+            if self._closing or trio.current_time() >= until:
+                break
+            due = self._due_by(deadline)
+        held = trio.current_time() - start
+        if held > 0 and self.metrics is not None:
+            self.metrics.gather_seconds.inc(held)
+
+    def _due_by(self, deadline: float) -> list[float]:
+        """Due times (<= deadline) of sessions that owe a request and are not stale."""
+        now = trio.current_time()
+        queued = {w.session.id for w in self._queue}
+        due = []
+        for sid, r in list(self._rhythms.items()):
+            if not r.owed or r.think is None or sid in queued:
+                continue
+            when = r.due()
+            if when + r.think < now:  # long overdue: the node stopped or stalls; forget it
+                del self._rhythms[sid]
+            elif when <= deadline:
+                due.append(when)
+        return due
+
+    def forget(self, session: Session) -> None:
+        """A session ended: never wait for it again."""
+        self._rhythms.pop(session.id, None)
 
     def _chunk(self, work: _Work) -> PrefillJob:
         chunk = self.engine.next_prefill(work.session.state)
@@ -188,12 +276,21 @@ class Scheduler:
         requests = sum(1 for w in batch if w.verify is not None)
         if self.metrics is not None:
             self.metrics.record_pass(requests, len(batch), result.tokens, result.seconds)
+        if requests:
+            self.mean_pass_seconds += (result.seconds - self.mean_pass_seconds) * (
+                _EWMA if self.mean_pass_seconds else 1.0)
+        now = trio.current_time()
         for work, job, verdict in zip(batch, jobs, result.verdicts, strict=True):
             work.seconds += result.share(job)
             if work.verify is not None:
                 assert verdict is not None
                 work.outcome = Outcome(verdict, work.seconds, requests)
                 work.finish()
+                # (the handler counts the new tokens after this returns)
+                if not work.session.closed and (
+                        work.session.tokens_left > len(verdict.new_tokens)):
+                    rhythm = self._rhythms.setdefault(work.session.id, _Rhythm(now))
+                    rhythm.answered_at, rhythm.owed = now, True
             else:
                 if self.metrics is not None:
                     self.metrics.prefill_tokens.inc(job.size)
