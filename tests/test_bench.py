@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from bench.prompts import KINDS, prompt_set
-from bench.run import accepted_hist, agreement, cost_per_million, parse_cores, percentile, ratios
+from bench.run import (
+    accepted_hist,
+    agreement,
+    cost_per_million,
+    divergences,
+    parse_cores,
+    percentile,
+    ratios,
+)
 from specedge.ledger.accounting import Prices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +66,11 @@ def test_ratios_and_agreement():
     assert r["cost_efficiency_vs_server_only"] == {"1": 2.0}
     assert r["itl_reduction_vs_server_only"] == {"1": 0.2}
     assert agreement(modes) == {"server_only/K=1": "2/2", "specedge/K=1": "1/2"}
+    assert divergences(modes) == {"specedge/K=1": [
+        {"prompt": 1, "position": 0, "autoregressive": 3, "specedge": 9}]}
+    modes["server_only"]["1"]["token_ids"]["0"] = [1, 2, 5]  # longer: differs at its end
+    assert divergences(modes)["server_only/K=1"] == [
+        {"prompt": 0, "position": 2, "autoregressive": None, "server_only": 5}]
 
 
 def test_accepted_length_histogram_from_per_position_counters():
