@@ -301,6 +301,26 @@ def divergences(modes: dict[str, dict[str, dict]]) -> dict[str, list[dict]]:
     return out
 
 
+def tie_gaps(found: dict[str, list[dict]], modes: dict, prompts: list[list[int]],
+             model: object) -> None:
+    """Add to each divergence the float32 target's logit gap between autoregressive's
+    token and the mode's, after their common prefix. A gap near zero is a near-tie that
+    bf16 rounding can flip; a large one would be a bug."""
+    import torch
+
+    for key, rows in found.items():
+        mode, k = key.split("/K=")
+        ref = modes["autoregressive"][k]["token_ids"]
+        for row in rows:
+            if row["autoregressive"] is None or row[mode] is None:
+                continue  # one output ended early (an end-of-sequence tie)
+            seq = prompts[row["prompt"]] + ref[str(row["prompt"])][: row["position"]]
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0, -1].float()  # [vocab]
+            row["fp32_logit_gap"] = round(
+                float(logits[row["autoregressive"]] - logits[row[mode]]), 4)
+
+
 def calibration(modes: dict, args: argparse.Namespace, prices: Prices, prompt_tokens: float,
                 samples: dict) -> dict:
     spec = modes.get("specedge", {})
@@ -377,6 +397,11 @@ def print_table(report: dict) -> None:
     for name, per_k in report["ratios"].items():
         console.print(f"{name}: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in per_k.items()))
     console.print(f"outputs equal to autoregressive: {report['outputs_equal_to_autoregressive']}")
+    gaps = [abs(r["fp32_logit_gap"]) for rows in report.get("divergences", {}).values()
+            for r in rows if "fp32_logit_gap" in r]
+    if gaps:
+        console.print(f"divergences: {len(gaps)}, float32 logit gap at each: max {max(gaps):.4f}"
+                      f", median {sorted(gaps)[len(gaps) // 2]:.4f} (near-ties that bf16 flips)")
 
 
 def ratios(modes: dict) -> dict:
@@ -491,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = ratios(report["modes"])
     report["outputs_equal_to_autoregressive"] = agreement(report["modes"])
     report["divergences"] = divergences(report["modes"])
+    if report["divergences"] and "autoregressive" in report["modes"]:
+        import torch
+
+        fp32, _ = load_model(args.target_model, dtype=torch.float32)
+        tie_gaps(report["divergences"], report["modes"], ids, fp32)
+        del fp32
     report["calibration"] = calibration(report["modes"], args, prices,
                                         sum(map(len, ids)) / len(ids), samples)
     for rows in report["modes"].values():

@@ -19,6 +19,7 @@ from bench.run import (
     parse_cores,
     percentile,
     ratios,
+    tie_gaps,
 )
 from specedge.ledger.accounting import Prices
 
@@ -105,3 +106,23 @@ def test_bench_runs_end_to_end_and_calibrates_the_simulator(tmp_path):
 
     cal = Calibration.from_bench_json(out)
     assert cal is not None
+
+
+def test_tie_gaps_measure_the_float32_margin_at_a_divergence():
+    """A mode that took the target's second choice: the gap is the fp32 logit margin."""
+    import torch
+
+    from specedge.models import build_tiny
+
+    target = build_tiny()[0]
+    prompt = [5, 17, 42, 99]
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt])).logits[0, -1]
+    first, second = (int(t) for t in logits.topk(2).indices)
+    modes = {"autoregressive": {"1": {"token_ids": {"0": [first]}}},
+             "specedge": {"1": {"token_ids": {"0": [second]}}}}
+    found = divergences(modes)
+    tie_gaps(found, modes, [prompt], target)
+    gap = found["specedge/K=1"][0]["fp32_logit_gap"]
+    assert gap == pytest.approx(float(logits[first] - logits[second]), abs=1e-4)
+    assert gap > 0
