@@ -400,8 +400,10 @@ def print_table(report: dict) -> None:
     gaps = [abs(r["fp32_logit_gap"]) for rows in report.get("divergences", {}).values()
             for r in rows if "fp32_logit_gap" in r]
     if gaps:
+        import statistics
+
         console.print(f"divergences: {len(gaps)}, float32 logit gap at each: max {max(gaps):.4f}"
-                      f", median {sorted(gaps)[len(gaps) // 2]:.4f} (near-ties that bf16 flips)")
+                      f", median {statistics.median(gaps):.4f} (bf16 flips only near-ties)")
 
 
 def ratios(modes: dict) -> dict:
