@@ -20,6 +20,7 @@ from faultutil import (
     Bootstrap,
     Verifier,
     check_rounds_cover,
+    child_env,
     json_result,
     ledger_rows,
     mib,
@@ -27,7 +28,7 @@ from faultutil import (
     settled_rss,
     start_verifiers,
 )
-from netutil import script, wait_until
+from netutil import Proc, free_port, script, wait_until
 
 from specedge.engine import autoregressive_generate
 from specedge.models import build_tiny
@@ -338,10 +339,19 @@ def _complete(url: str, prompt: str, n: int, timeout: float = 60) -> tuple[int, 
     return r.status_code, r.json()
 
 
-def _join(tmp_path, *network: str):  # noqa: ANN202
-    from faultutil import LOOPBACK, child_env
-    from netutil import Proc
+def _served_again(url: str, prompt: str, n: int) -> tuple[int, dict, list[int], float]:
+    """Ask every 0.5 s until served or REDISCOVERY_S have passed: (last status, its body,
+    every status, seconds taken)."""
+    t0, tries = time.monotonic(), []
+    while True:
+        status, body = _complete(url, prompt, n)
+        tries.append(status)
+        if status == 200 or time.monotonic() - t0 > REDISCOVERY_S:
+            return status, body, tries, time.monotonic() - t0
+        time.sleep(0.5)
 
+
+def _join(tmp_path, *network: str):  # noqa: ANN202
     url_file = tmp_path / "api.url"
     proc = Proc([script("specedge-node"), "join", *network, "--listen", LOOPBACK, "--api",
                  "127.0.0.1:0", "--announce-file", str(url_file), "--identity",
@@ -361,8 +371,6 @@ def test_verifier_restarted_with_same_identity_is_rediscovered(tmp_path, greedy,
     cache once it has one, and keeps refusing to dial a peer that failed for 60 s) and
     never used the restarted verifier."""
     import threading
-
-    from netutil import free_port
 
     listen = LOOPBACK if port == "new" else f"/ip4/127.0.0.1/tcp/{free_port()}"
     boot = Bootstrap(tmp_path).ready()
@@ -394,17 +402,11 @@ def test_verifier_restarted_with_same_identity_is_rediscovered(tmp_path, greedy,
         assert v2.peer == v1.peer
         if port == "new":
             assert v2.addr != v1.addr
-        t0, tries = time.monotonic(), []
-        while True:
-            status, body = _complete(url, prompt, n)
-            tries.append(status)
-            if status == 200 or time.monotonic() - t0 > REDISCOVERY_S:
-                break
-            time.sleep(0.5)
+        status, body, tries, took = _served_again(url, prompt, n)
         assert status == 200, (tries, body, join.describe())
         assert body["specedge"]["token_ids"] == greedy(prompt, n)
         assert body["specedge"]["verifiers"] == [v2.peer]
-        print(f"rediscovered {time.monotonic() - t0:.1f} s after the restart ({tries})")
+        print(f"rediscovered {took:.1f} s after the restart ({tries})")
     finally:
         for p in (join, v1 and v1.proc, v2 and v2.proc, boot.proc):
             if p is not None:
@@ -416,9 +418,7 @@ def test_direct_verifier_restarted_on_its_port_is_used_again(tmp_path, greedy):
     comes back on the same address with the same identity; requests must be served
     again at once. Before node.discovery lifted libp2p's negative cache (a peer whose
     dial failed is refused for 60 s) and looked again when every verifier failed, the
-    node answered 503 for a minute."""
-    from netutil import free_port
-
+    node's requests failed for up to a minute."""
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
     v1 = Verifier(tmp_path, "v1", "--no-dht", listen=listen).ready()
     v2 = join = None
@@ -437,14 +437,8 @@ def test_direct_verifier_restarted_on_its_port_is_used_again(tmp_path, greedy):
         print("gap:", gap)
         v2 = Verifier(tmp_path, "v2", "--no-dht", identity=v1.identity, listen=listen).ready()
         assert v2.addr == v1.addr
-        t0, tries = time.monotonic(), []
-        while True:
-            status, body = _complete(url, prompt, n)
-            tries.append(status)
-            if status == 200 or time.monotonic() - t0 > REDISCOVERY_S:
-                break
-            time.sleep(0.5)
-        print(f"direct restart: {tries[-1]} after {time.monotonic() - t0:.1f} s")
+        status, body, tries, took = _served_again(url, prompt, n)
+        print(f"direct restart: {status} after {took:.1f} s")
         assert status == 200, (tries, body)
         assert body["specedge"]["token_ids"] == greedy(prompt, n)
     finally:

@@ -101,6 +101,11 @@ class _Rhythm:
 _EWMA = 0.2  # weight of the newest sample in the moving averages
 
 
+def _average(old: float | None, sample: float) -> float:
+    """Exponential moving average; the first sample starts it."""
+    return sample if old is None else old + _EWMA * (sample - old)
+
+
 class Scheduler:
     def __init__(self, engine: TargetEngine, max_batch_tokens: int,
                  metrics: VerifierMetrics | None = None,
@@ -139,9 +144,7 @@ class Scheduler:
         start = trio.current_time()
         rhythm = self._rhythms.get(session.id)
         if rhythm is not None and rhythm.owed:
-            think = start - rhythm.answered_at
-            rhythm.think = think if rhythm.think is None else (
-                rhythm.think + _EWMA * (think - rhythm.think))
+            rhythm.think = _average(rhythm.think, start - rhythm.answered_at)
             rhythm.owed = False
         work = await self._submit(_Work(session, VerifyJob(session.state, tokens, parents)))
         assert work.outcome is not None
@@ -277,8 +280,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.record_pass(requests, len(batch), result.tokens, result.seconds)
         if requests:
-            self.mean_pass_seconds += (result.seconds - self.mean_pass_seconds) * (
-                _EWMA if self.mean_pass_seconds else 1.0)
+            self.mean_pass_seconds = _average(self.mean_pass_seconds or None, result.seconds)
         now = trio.current_time()
         for work, job, verdict in zip(batch, jobs, result.verdicts, strict=True):
             work.seconds += result.share(job)
