@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -187,8 +188,11 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         t.join()
     wall = time.perf_counter() - start
     if errors:
-        raise RuntimeError(f"specedge K={k}: {len(errors)} requests failed: {errors[0]}")
-    rounds = sum(r["rounds"] for r in results.values())
+        raise RuntimeError(f"specedge K={k}: {len(errors)} of {len(messages)} requests "
+                           f"failed: {errors[0]}")
+    # Receipts: one per drafted round, plus one per request whose first token came
+    # with the verifier's prefill (an empty tree).
+    rounds = sum(r["rounds"] + bool(r.get("first_token_from_prefill")) for r in results.values())
     # The verifier hands receipts to its ledger off the hot path: wait for all of them.
     ledger = open_ledger(net.ledger_url)
     deadline = time.monotonic() + 60
@@ -387,6 +391,9 @@ def print_table(report: dict) -> None:
     fmt = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for mode in MODES:
         for k, r in sorted(report["modes"].get(mode, {}).items(), key=lambda x: int(x[0])):
+            if r.get("failed"):
+                table.add_row(mode, k, "failed: " + r["error"][:60], *["-"] * 10)
+                continue
             table.add_row(mode, k, str(r["tokens"]), fmt(r["server_busy_s"], 2),
                           fmt(r["server_throughput_tps"], 2), fmt(r["throughput_tps"], 2),
                           fmt(r["itl_ms_p50"]), fmt(r["itl_ms_p95"]), fmt(r["ttft_ms_p50"]),
@@ -429,7 +436,7 @@ def ratios(modes: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specedge bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one prompt per kind, K = 1 and 4")
@@ -452,7 +459,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="the verifier's hold for due sessions (specedge-verifier "
                     "--batch-wait; 0 never holds; default %(default)s)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-run limit in seconds")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def new_report(args: argparse.Namespace, ks: list[int], prompts: list, ids: list) -> dict:
+    return {
+        "machine": machine(),
+        "config": {"draft_model": args.draft_model, "target_model": args.target_model,
+                   "dtype": args.dtype, "tree": f"chain:{args.chain}",
+                   "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
+                   "prompt_kinds": sorted({k for k, _ in prompts}),
+                   "server_cores": args.server_cores, "node_cores": args.node_cores,
+                   "streams": ks, "proactive": not args.no_proactive,
+                   "batch_wait": args.batch_wait},
+        "modes": {},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
     half = max(len(cores) // 2, 1)
     args.server_cores = args.server_cores or cores[:half]
@@ -470,19 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     messages = [m for _, m in prompts]
     ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)["input_ids"]) for m in messages]
-    report: dict = {
-        "machine": machine(),
-        "config": {"draft_model": args.draft_model, "target_model": args.target_model,
-                   "dtype": args.dtype, "tree": f"chain:{args.chain}",
-                   "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
-                   "prompt_kinds": sorted({k for k, _ in prompts}),
-                   "server_cores": args.server_cores, "node_cores": args.node_cores,
-                   "streams": ks, "proactive": not args.no_proactive,
-                   "batch_wait": args.batch_wait},
-        "modes": {},
-    }
+    report = new_report(args, ks, prompts, ids)
     samples: dict = {"verify_ms": {"batch_tokens": [], "ms": []},
-                     "ar_step_ms": {"batch": [], "ms": []}}
+                     "ar_step_ms": {"batch": [], "ms": []}, "accepted_length_hist": []}
     with tempfile.TemporaryDirectory(prefix="specedge-bench-") as tmp:
         work = Path(tmp)
         prompts_file = work / "prompts.json"
@@ -491,50 +506,105 @@ def main(argv: list[str] | None = None) -> int:
             if mode not in modes_wanted:
                 continue
             for k in ks:
-                print(f"{mode} K={k} ...", file=sys.stderr)
-                row = run_server_mode(mode, k, args, prompts_file)
-                row["cost_per_1m_tokens_usd"] = cost_per_million(row["server_busy_s"], 0.0,
-                                                                 row["tokens"], prices)
-                vs = row.pop("verify_samples")
-                if mode == "server_only":
-                    for rows, ms in vs:
-                        samples["verify_ms"]["batch_tokens"].append(rows)
-                        samples["verify_ms"]["ms"].append(round(ms, 3))
-                else:
-                    for rows, ms in vs:
-                        samples["ar_step_ms"]["batch"].append(rows)
-                        samples["ar_step_ms"]["ms"].append(round(ms, 3))
-                report["modes"].setdefault(mode, {})[str(k)] = row
+                measure(report, mode, k,
+                        lambda mode=mode, k=k: server_row(mode, k, args, prompts_file, prices,
+                                                          samples), args, ids, samples)
         if "specedge" in modes_wanted:
-            with Network(args, work) as net:
-                for k in ks:
-                    print(f"specedge K={k} ...", file=sys.stderr)
-                    row = run_specedge(net, k, messages, args, prices)
-                    report["modes"].setdefault("specedge", {})[str(k)] = row
-                hist = accepted_hist(net.metrics())
-        else:
-            hist = []
-    samples["accepted_length_hist"] = hist
-    report["ratios"] = ratios(report["modes"])
-    report["outputs_equal_to_autoregressive"] = agreement(report["modes"])
-    report["divergences"] = divergences(report["modes"])
-    if report["divergences"] and "autoregressive" in report["modes"]:
-        import torch
-
-        fp32, _ = load_model(args.target_model, dtype=torch.float32)
-        tie_gaps(report["divergences"], report["modes"], ids, fp32)
-        del fp32
-    report["calibration"] = calibration(report["modes"], args, prices,
-                                        sum(map(len, ids)) / len(ids), samples)
-    for rows in report["modes"].values():
-        for row in rows.values():
-            row.pop("token_ids", None)
+            run_network_modes(report, ks, messages, args, prices, work, ids, samples)
+    finish_report(report, args, ids, samples, final=True)
     print_table(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(report, args.plot)
-    return 0
+    failed = [f"{m}/K={k}" for m, rows in report["modes"].items() for k, r in rows.items()
+              if r.get("failed")]
+    if failed:
+        print(f"failed: {', '.join(failed)} (errors in the report)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def server_row(mode: str, k: int, args: argparse.Namespace, prompts_file: Path, prices: Prices,
+               samples: dict) -> dict:
+    """One server-side baseline run, with its pass-time samples kept for calibration."""
+    row = run_server_mode(mode, k, args, prompts_file)
+    row["cost_per_1m_tokens_usd"] = cost_per_million(row["server_busy_s"], 0.0, row["tokens"],
+                                                     prices)
+    key, col = ("verify_ms", "batch_tokens") if mode == "server_only" else ("ar_step_ms", "batch")
+    for rows, ms in row.pop("verify_samples"):
+        samples[key][col].append(rows)
+        samples[key]["ms"].append(round(ms, 3))
+    return row
+
+
+def run_network_modes(report: dict, ks: list[int], messages: list, args: argparse.Namespace,
+                      prices: Prices, work: Path, ids: list[list[int]], samples: dict) -> None:
+    """SpecEdge at each K on one verifier and one node process; a network that cannot
+    start, or dies, fails the remaining K values (recorded, not raised)."""
+    try:
+        with Network(args, work) as net:
+            for k in ks:
+                measure(report, "specedge", k,
+                        lambda k=k: run_specedge(net, k, messages, args, prices),
+                        args, ids, samples)
+            samples["accepted_length_hist"] = accepted_hist(net.metrics())
+    except Exception as exc:  # the processes did not start or their metrics went away
+        for k in ks:
+            report["modes"].setdefault("specedge", {}).setdefault(
+                str(k), failed_row("specedge", k, exc))
+        finish_report(report, args, ids, samples)
+
+
+def failed_row(mode: str, k: int, exc: BaseException) -> dict:
+    return {"mode": mode, "streams": k, "failed": True, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def measure(report: dict, mode: str, k: int, run: Callable[[], dict], args: argparse.Namespace,
+            ids: list[list[int]], samples: dict) -> None:
+    """Run one mode at one K; a failure is recorded with its error and the bench goes on.
+    The report is written after every run, so nothing measured is lost."""
+    print(f"{mode} K={k} ...", file=sys.stderr)
+    try:
+        row = run()
+    except Exception as exc:
+        print(f"{mode} K={k} failed: {exc}", file=sys.stderr)
+        row = failed_row(mode, k, exc)
+    report["modes"].setdefault(mode, {})[str(k)] = row
+    finish_report(report, args, ids, samples)
+
+
+def done_rows(modes: dict) -> dict:
+    """The modes' rows that completed (failed ones carry no figures)."""
+    return {m: {k: r for k, r in rows.items() if not r.get("failed")} for m, rows in modes.items()}
+
+
+def finish_report(report: dict, args: argparse.Namespace, ids: list[list[int]], samples: dict,
+                  final: bool = False) -> None:
+    """Derive the comparisons from what has completed and write the JSON (if asked)."""
+    modes = done_rows(report["modes"])
+    report["ratios"] = ratios(modes)
+    report["outputs_equal_to_autoregressive"] = agreement(modes)
+    report["divergences"] = divergences(modes)
+    if final and report["divergences"] and "autoregressive" in modes:
+        import torch
+
+        from specedge.models import load_model
+
+        fp32, _ = load_model(args.target_model, dtype=torch.float32)
+        tie_gaps(report["divergences"], modes, ids, fp32)
+        del fp32
+    report["calibration"] = calibration(modes, args, Prices(), sum(map(len, ids)) / len(ids),
+                                        samples)
+    if args.json:
+        out = json.loads(json.dumps(report))
+        for rows in out["modes"].values():
+            for row in rows.values():
+                row.pop("token_ids", None)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, args.json)
+    if final:
+        for rows in report["modes"].values():
+            for row in rows.values():
+                row.pop("token_ids", None)
 
 
 def accepted_hist(m: dict[str, float]) -> list[int]:

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from specedge.node.edge import Edge
+from specedge.node.errors import VerifiersBusy
 from specedge.node.generation import (
     NodeError,
     NodeGeneration,
@@ -50,26 +51,35 @@ NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, 
 
 
 class ApiError(Exception):
-    """An error to return to the client in OpenAI's shape."""
+    """An error to return to the client in OpenAI's shape (`retry_after`: seconds, sent as
+    a Retry-After header, which OpenAI's clients honour)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type_, param, code)
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = None
+        if self.retry_after is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def api_error(exc: BaseException) -> ApiError:
     """What an exception from a generation means to a client."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, VerifiersBusy):
+        return ApiError(503, str(exc), "server_error", code="verifiers_busy",
+                        retry_after=exc.retry_after)
     if isinstance(exc, NoVerifierError):
         return ApiError(503, str(exc), "server_error", code="no_verifier")
     if isinstance(exc, VocabularyMismatch):
@@ -372,6 +382,8 @@ def _extra(gen: NodeGeneration) -> dict:
     return {"verifiers": s.verifiers, "failovers": s.failovers, "rounds": s.rounds,
             "acceptance": round(s.acceptance, 4), "proactive_hits": s.proactive_hits,
             "proactive_bets": s.proactive_bets,
+            "first_token_from_prefill": s.first_token_from_prefill,
+            "first_guess_hit": s.first_guess_hit,
             "time_to_first_token_ms": s.time_to_first_token_ms,
             "inter_token_latency_ms": s.inter_token_latency_ms,
             "token_ids": gen.token_ids}

@@ -30,7 +30,6 @@ log = logging.getLogger("specedge.node")
 
 DEFAULT_API = "127.0.0.1:8000"
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
-DEFAULT_ROUND_TIMEOUT = 30.0
 
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
@@ -48,8 +47,14 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                    help="where to keep receipts (default: node.sqlite3 in the user data "
                    "directory)")
     p.add_argument("--no-ledger", action="store_true", help="check receipts but keep none")
-    p.add_argument("--round-timeout", type=float, default=DEFAULT_ROUND_TIMEOUT, metavar="S",
-                   help="fail over when a verification takes longer (default: %(default)s)")
+    p.add_argument("--silence-timeout", type=float, default=10.0, metavar="S",
+                   help="fail over when a verifier sends nothing at all for this long (a "
+                   "killed or frozen one; a busy verifier sends progress every second, "
+                   "so it is waited for, never failed over; default: %(default)s)")
+    p.add_argument("--busy-wait", type=float, default=120.0, metavar="S",
+                   help="when every verifier answers BUSY, keep asking (at the times they "
+                   "suggest) for up to this long before failing the request with a "
+                   "retry-after (default: %(default)s)")
     p.add_argument("--no-proactive", action="store_true",
                    help="do not draft the next tree while a verification is in flight")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -112,7 +117,8 @@ def _network(args: argparse.Namespace,
 
     return network(identity, args.target_id or args.target_model, bootstrap=args.bootstrap,
                    verifiers=args.verifier, listen=args.listen or [DEFAULT_LISTEN],
-                   mdns=args.mdns)
+                   mdns=args.mdns, silence_timeout=args.silence_timeout,
+                   busy_wait=args.busy_wait)
 
 
 async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -> Models:
@@ -130,11 +136,15 @@ async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -
 
 
 def _check_addresses(args: argparse.Namespace) -> None:
-    # Malformed addresses fail before anything slow happens.
+    # Malformed addresses and settings fail before anything slow happens.
     from specedge.node.discovery import parse_bootstrap
 
     parse_bootstrap(args.bootstrap)
     parse_bootstrap(args.verifier)
+    if not args.silence_timeout > 0:
+        raise ValueError("--silence-timeout must be positive")
+    if not args.busy_wait >= 0:
+        raise ValueError("--busy-wait must be >= 0")
 
 
 def _notice(text: str) -> None:
@@ -189,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
             async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book:
                 edge = Edge(models, pool, book=book, shape=args.tree,
-                            proactive=not args.no_proactive, round_timeout=args.round_timeout)
+                            proactive=not args.no_proactive)
                 gen = await edge.generate(prompt, args.max_new_tokens, params,
                                           on_tokens=None if args.json else show, on_event=tell)
             if args.json:
@@ -238,8 +248,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 models = await _models_and_first_look(args, pool)
                 async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book:
                     edge = Edge(models, pool, book=book, shape=args.tree,
-                                proactive=not args.no_proactive,
-                                round_timeout=args.round_timeout)
+                                proactive=not args.no_proactive)
                     app = create_app(edge, args.model_name)
                     async with trio.open_nursery() as side:
                         side.start_soon(pool.keep_fresh)

@@ -1,12 +1,18 @@
 """One verification session over one stream: the node's half of `/specedge/verify/1.0.0`.
 
 The conversation is strictly request/response with at most one request outstanding, so a
-session is a plain object whose methods each write one frame and read one frame with a
-timeout. Anything that goes wrong (the verifier refuses, dies, stalls or answers nonsense)
+session is a plain object whose methods each write one frame and read its answer.
+Anything that goes wrong (the verifier refuses, dies, stalls or answers nonsense)
 surfaces as a `ProtocolError`; the session is then unusable and the caller fails over to
 another verifier. Nothing the verifier sends is trusted: results are checked against the
 request they answer and every receipt's signature and request digest are checked before
 the tokens are used.
+
+Liveness, not deadlines (see protocol.limits): a 1.1 verifier sends Progress frames while
+it works on what we wait for, so a wait ends only when no frame at all came for
+`SILENCE_TIMEOUT` (dead or frozen) or when the Progress frames show no progress for
+`stall_limit` of the verifier's own estimate. A busy verifier is waited for; a dead one is
+left within seconds. A 1.0 verifier sends none, and gets the old fixed timeouts.
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.identity import peer_id_of
 from specedge.protocol.ids import PROTOCOL_VERSION
-from specedge.protocol.limits import HANDSHAKE_TIMEOUT, RESULT_TIMEOUT
+from specedge.protocol.limits import (
+    LEGACY_OPEN_TIMEOUT,
+    LEGACY_RESULT_TIMEOUT,
+    SILENCE_TIMEOUT,
+    stall_limit,
+)
 from specedge.protocol.validation import (
     expect,
+    validate_progress,
     validate_session_opened,
     validate_verify_result,
 )
@@ -60,7 +72,7 @@ class SessionRequest:
     max_new_tokens: int
     revision: str = ""
 
-    def message(self) -> pb.OpenSession:
+    def message(self, progress: bool = True) -> pb.OpenSession:
         p = self.params
         return pb.OpenSession(
             model_id=self.model_id,
@@ -70,6 +82,7 @@ class SessionRequest:
                                  seed=p.seed),
             client_version=PROTOCOL_VERSION,
             max_new_tokens=self.max_new_tokens,
+            progress=progress,
         )
 
 
@@ -78,15 +91,32 @@ class RoundResult:
     accepted: list[int]  # tree node indices, root to leaf
     bonus: int
     receipt: KeptReceipt
-    round_trip_s: float  # request written -> result read
+    round_trip_s: float  # request written -> result read (queueing and passes included)
+
+
+@dataclass
+class Liveness:
+    """How the node decides that a verifier it waits for is dead or stuck.
+
+    `progress`: the verifier sends Progress frames (protocol 1.1); then `silence` bounds
+    the gap between frames and the stall rule bounds time without progress. Otherwise
+    `legacy` bounds the whole wait.
+    """
+
+    progress: bool = True
+    silence: float = SILENCE_TIMEOUT
+    legacy: float = LEGACY_RESULT_TIMEOUT
 
 
 class Session:
     """An open session on one verifier. Use `Session.open`; one caller at a time."""
 
     def __init__(self, stream: Stream, verifier: str, identity: KeyPair,
-                 request: SessionRequest, opened: pb.SessionOpened) -> None:
+                 request: SessionRequest, opened: pb.SessionOpened,
+                 liveness: Liveness | None = None) -> None:
         self.stream = stream
+        self.liveness = liveness or Liveness()
+        self.last_progress: pb.Progress | None = None  # the latest, for status displays
         self.verifier = verifier
         self.identity = identity
         self.node = peer_id_of(identity)
@@ -105,29 +135,34 @@ class Session:
 
     @classmethod
     async def open(cls, stream: Stream, verifier: str, identity: KeyPair,
-                   request: SessionRequest, timeout: float = HANDSHAKE_TIMEOUT) -> Session:
-        """Send OpenSession and wait for SessionOpened (the verifier prefills meanwhile).
+                   request: SessionRequest, liveness: Liveness | None = None) -> Session:
+        """Send OpenSession and wait for SessionOpened.
 
-        Raises ProtocolError (RemoteError when the verifier refuses); the stream is reset
-        on any failure so the verifier frees what it allocated.
+        A 1.1 verifier answers at admission and prefills while we draft (our first
+        request waits for it); a 1.0 one answers after its prefill. Raises ProtocolError
+        (RemoteError when the verifier refuses, e.g. BUSY with a retry-after); the stream
+        is reset on any failure so the verifier frees what it allocated.
         """
+        liveness = liveness or Liveness()
+        timeout = liveness.silence if liveness.progress else LEGACY_OPEN_TIMEOUT
         try:
-            await write_frame(stream, pb.Frame(open=request.message()))
+            await write_frame(stream, pb.Frame(open=request.message(liveness.progress)))
             frame = await read_frame(stream, timeout=timeout)
             expect(frame, "opened")
             validate_session_opened(frame.opened, expected_peer=verifier)
         except BaseException:
             await _reset(stream)
             raise
-        return cls(stream, verifier, identity, request, frame.opened)
+        return cls(stream, verifier, identity, request, frame.opened, liveness)
 
     async def verify(self, tokens: Sequence[int], parents: Sequence[int], *,
-                     proactive: bool = False, draft_micros: int = 0,
-                     timeout: float = RESULT_TIMEOUT) -> RoundResult:
+                     proactive: bool = False, draft_micros: int = 0) -> RoundResult:
         """Send one signed tree and return the checked verdict with its checked receipt.
 
-        A timeout (the verifier stalls), a closed stream (it died) or an error reply (it
-        refuses) raise ProtocolError and mark the session broken.
+        An empty tree asks for the target's next token alone (the first token after a
+        prompt comes from the verifier's prefill this way). Silence or a stall (see
+        `Liveness`), a closed stream (it died) or an error reply (it refuses) raise
+        ProtocolError and mark the session broken.
         """
         if self.broken:
             raise ProtocolError(ErrorCode.STREAM_CLOSED, "session is broken")
@@ -139,7 +174,7 @@ class Session:
         try:
             start = trio.current_time()
             await write_frame(self.stream, request_frame(envelope))
-            frame = await read_frame(self.stream, timeout=timeout)
+            frame = await self._answer(req.seq)
             elapsed = trio.current_time() - start
             expect(frame, "result")
             res = frame.result
@@ -150,6 +185,30 @@ class Session:
             self.broken = True
             raise
         return RoundResult([int(i) for i in res.accepted], int(res.bonus_token), kept, elapsed)
+
+    async def _answer(self, seq: int) -> pb.Frame:
+        """The verifier's next frame that is not Progress, watching its liveness."""
+        if not self.liveness.progress:
+            return await read_frame(self.stream, timeout=self.liveness.legacy)
+        last_advance = trio.current_time()
+        seen: tuple[int, int, int] | None = None  # (state, done, -position) so far
+        while True:
+            frame = await read_frame(self.stream, timeout=self.liveness.silence)
+            if frame.WhichOneof("body") != "progress":
+                return frame
+            p = frame.progress
+            validate_progress(p, session_id=self.session_id, seq=seq)
+            self.last_progress = p
+            now = trio.current_time()
+            mark = (int(p.state), int(p.done), -int(p.queue_position))
+            if seen is None or any(a > b for a, b in zip(mark, seen, strict=True)):
+                last_advance = now  # a later state, more prefilled, or nearer the front
+                seen = mark if seen is None else tuple(  # type: ignore[assignment]
+                    max(a, b) for a, b in zip(mark, seen, strict=True))
+            limit = stall_limit(p.eta_ms / 1000)
+            if now - last_advance > limit:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"the verifier reported no progress "
+                                    f"for {now - last_advance:.0f} s (limit {limit:.0f} s)")
 
     async def close(self, reason: str = "done") -> None:
         """Say goodbye and close the stream; bounded, never raises (the work is done)."""

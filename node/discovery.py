@@ -25,14 +25,20 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.peerinfo import PeerInfo
 
-from specedge.node.client import Session, SessionRequest
-from specedge.node.errors import BootstrapError, NoVerifierError
+from specedge.node.client import Liveness, Session, SessionRequest
+from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
-from specedge.protocol.errors import ProtocolError
+from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
-from specedge.protocol.ids import ADVERT_PROTOCOL, VERIFY_PROTOCOL, dht_key
-from specedge.protocol.limits import ADVERT_TIMEOUT, HANDSHAKE_TIMEOUT
+from specedge.protocol.ids import (
+    ADVERT_PROTOCOL,
+    PROGRESS_SINCE,
+    VERIFY_PROTOCOL,
+    dht_key,
+    supports,
+)
+from specedge.protocol.limits import ADVERT_TIMEOUT, BUSY_WAIT, SILENCE_TIMEOUT
 from specedge.protocol.validation import expect, validate_advertisement
 
 log = logging.getLogger("specedge.node.discovery")
@@ -40,6 +46,7 @@ log = logging.getLogger("specedge.node.discovery")
 STREAM_TIMEOUT = 10.0  # opening a stream to a frozen peer otherwise waits ~10 s anyway
 REFRESH_INTERVAL = 15.0  # join: re-ask the DHT and every candidate this often
 MDNS_WAIT = 2.0  # mDNS found a peer in about 1.6 s on a LAN
+BUSY_RECHECK = 30.0  # while every verifier is busy, look again at least this often
 
 
 @dataclass
@@ -57,8 +64,16 @@ class Candidate:
         return self.info.peer_id.to_base58()
 
     def rank_key(self) -> tuple[bool, int, float]:
-        cost = self.rtt_s + self.advert.mean_verify_micros / 1e6
-        return (self.advert.free_slots == 0, self.advert.queue_depth, cost)
+        a = self.advert
+        backlog = a.queued_prefill_tokens / a.prefill_tokens_per_s if a.prefill_tokens_per_s \
+            else 0.0  # seconds of prompts queued ahead of a new session
+        cost = self.rtt_s + a.mean_verify_micros / 1e6 + backlog
+        return (a.free_slots == 0, a.queue_depth, cost)
+
+    def liveness(self, silence: float = SILENCE_TIMEOUT) -> Liveness:
+        """Progress-based liveness for 1.1 verifiers, the old deadlines for 1.0 ones."""
+        return Liveness(progress=supports(self.advert.protocol_version, PROGRESS_SINCE),
+                        silence=silence)
 
 
 def parse_bootstrap(addrs: Sequence[str]) -> list[PeerInfo]:
@@ -147,7 +162,8 @@ class VerifierPool:
     def __init__(self, host: IHost, identity: KeyPair, model_id: str, *,
                  dht: KadDHT | None = None,
                  direct: Sequence[PeerInfo] = (), bootstrap: Sequence[PeerInfo] = (),
-                 mdns: bool = False, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 mdns: bool = False, silence_timeout: float = SILENCE_TIMEOUT,
+                 busy_wait: float = BUSY_WAIT) -> None:
         self.host = host
         self.identity = identity
         self.model_id = model_id
@@ -155,7 +171,8 @@ class VerifierPool:
         self.direct = list(direct)
         self.bootstrap = list(bootstrap)
         self.mdns = mdns
-        self.handshake_timeout = handshake_timeout
+        self.silence_timeout = silence_timeout
+        self.busy_wait = busy_wait  # how long a session open waits while all are BUSY
         self.ranked: list[Candidate] = []
         self.dead: dict[str, str] = {}  # peer -> why, from the last refresh
         self.in_use: dict[str, int] = {}  # peer -> open sessions (for the status)
@@ -234,30 +251,50 @@ class VerifierPool:
 
         Refreshes first when nothing usable is known, and once more when every known one
         fails (a verifier may have restarted elsewhere, or come back since the last
-        refresh). Tries each in rank order; one that refuses (overloaded, shutting down)
-        or fails is skipped. NoVerifierError when all fail, naming why.
+        refresh). Tries each in rank order; one that refuses or fails is skipped. When
+        the only refusals are BUSY, waits for the soonest retry-after (looking again for
+        other verifiers meanwhile) for up to `busy_wait` seconds in all, then raises
+        VerifiersBusy; NoVerifierError when all fail otherwise, naming why.
         """
+        deadline = trio.current_time() + self.busy_wait
         if not [c for c in self.ranked if c.peer not in avoid]:
             await self.refresh()
-        reasons: list[str] = []
-        session = await self._open_first(request, avoid, reasons)
-        if session is None and reasons:
+        while True:
+            reasons: list[str] = []
+            busy: list[float] = []
+            session = await self._open_first(request, avoid, reasons, busy)
+            if session is None and reasons and not busy:
+                await self.refresh()
+                session = await self._open_first(request, avoid, reasons, busy)
+            if session is not None:
+                return session
+            if not busy:
+                raise NoVerifierError(self.explain(avoid, reasons))
+            wait = min(busy)
+            left = deadline - trio.current_time()
+            if wait > left:
+                raise VerifiersBusy(
+                    f"every verifier for {self.model_id!r} is busy (waited "
+                    f"{self.busy_wait - max(left, 0):.0f} s of --busy-wait "
+                    f"{self.busy_wait:g} s): " + "; ".join(reasons), retry_after=wait)
+            log.info("every verifier is busy; asking again in %.1f s", wait)
+            await trio.sleep(min(wait, BUSY_RECHECK))
             await self.refresh()
-            session = await self._open_first(request, avoid, reasons)
-        if session is None:
-            raise NoVerifierError(self.explain(avoid, reasons))
-        return session
 
     async def _open_first(self, request: SessionRequest, avoid: set[str],
-                          reasons: list[str]) -> Session | None:
-        """A session on the first ranked verifier (not in `avoid`) that opens one."""
+                          reasons: list[str], busy: list[float]) -> Session | None:
+        """A session on the first ranked verifier (not in `avoid`) that opens one.
+
+        `busy` collects the retry-after of each verifier that answered BUSY."""
         for cand in [c for c in self.ranked if c.peer not in avoid]:
             try:
                 stream = await open_stream(self.host, cand.info, VERIFY_PROTOCOL)
                 session = await Session.open(stream, cand.peer, self.identity, request,
-                                             timeout=self.handshake_timeout)
+                                             cand.liveness(self.silence_timeout))
             except (ProtocolError, ConnectionError) as exc:
                 reasons.append(f"{cand.peer}: {exc}")
+                if isinstance(exc, ProtocolError) and exc.code == ErrorCode.BUSY:
+                    busy.append(max(exc.retry_after or 1.0, 0.1))
                 log.info("verifier %s did not open a session: %s", cand.peer, exc)
                 continue
             self.in_use[cand.peer] = self.in_use.get(cand.peer, 0) + 1
@@ -293,7 +330,9 @@ class VerifierPool:
 @asynccontextmanager
 async def network(identity: KeyPair, model_id: str, *, bootstrap: Sequence[str] = (),
                   verifiers: Sequence[str] = (), listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
-                  mdns: bool = False, use_dht: bool = True) -> AsyncIterator[VerifierPool]:
+                  mdns: bool = False, use_dht: bool = True,
+                  silence_timeout: float = SILENCE_TIMEOUT,
+                  busy_wait: float = BUSY_WAIT) -> AsyncIterator[VerifierPool]:
     """A running host, connected to the bootstrap peers, with a DHT client and a pool.
 
     Malformed or unreachable addresses fail here with BootstrapError, before any model
@@ -311,8 +350,9 @@ async def network(identity: KeyPair, model_id: str, *, bootstrap: Sequence[str] 
             async with hosts.running_dht(host, server=False) as dht:
                 await dial_bootstrap(host, boot, dht)
                 yield VerifierPool(host, identity, model_id, dht=dht, direct=direct,
-                                   bootstrap=boot, mdns=mdns)
+                                   bootstrap=boot, mdns=mdns, silence_timeout=silence_timeout,
+                                   busy_wait=busy_wait)
         else:
             await dial_bootstrap(host, boot)
             yield VerifierPool(host, identity, model_id, direct=direct, bootstrap=boot,
-                               mdns=mdns)
+                               mdns=mdns, silence_timeout=silence_timeout, busy_wait=busy_wait)

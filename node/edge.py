@@ -38,7 +38,6 @@ from specedge.node.generation import (
     generate,
 )
 from specedge.node.receipts import ReceiptBook
-from specedge.protocol.limits import RESULT_TIMEOUT
 from specedge.sampling import SamplingParams
 from specedge.text import eos_ids
 from specedge.trees import TreeShape
@@ -140,14 +139,12 @@ class Edge:
     """Serves generations: one call per request, many at once."""
 
     def __init__(self, models: Models, connector: Connector, *, book: ReceiptBook | None = None,
-                 shape: TreeShape = DEFAULT_SHAPE, proactive: bool = True,
-                 round_timeout: float = RESULT_TIMEOUT) -> None:
+                 shape: TreeShape = DEFAULT_SHAPE, proactive: bool = True) -> None:
         self.models = models
         self.connector = connector
         self.book = book
         self.shape = shape
         self.proactive = proactive
-        self.round_timeout = round_timeout
         self.activity = Activity()
 
     @property
@@ -183,7 +180,7 @@ class Edge:
                 self.models.draft, prompt_ids, max_new_tokens, connector=self.connector,
                 model_id=self.models.target_name, params=params, shape=self.shape,
                 proactive=self.proactive, eos_ids=self.models.eos_ids, on_tokens=tokens,
-                on_event=event, book=self.book, round_timeout=self.round_timeout, stop=stop)
+                on_event=event, book=self.book, stop=stop)
         except BaseException:
             act.failed += 1
             raise

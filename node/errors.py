@@ -15,6 +15,16 @@ class NoVerifierError(NodeError):
     """No verifier for the target model could be found or would take the session."""
 
 
+class VerifiersBusy(NoVerifierError):
+    """Every verifier that could serve said BUSY for longer than the node would wait.
+
+    `retry_after`: the soonest a verifier said it could take the session (seconds)."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class VocabularyMismatch(NodeError):
     """The verifier's target and the local draft model do not share a vocabulary."""
 

@@ -7,10 +7,17 @@ is stopped between draft batches; on a hit its tree is adopted (no drafting on t
 critical path), on a miss the accepted path is committed and a fresh tree drafted. The
 event loop never runs model code, so other sessions and the HTTP API keep moving.
 
-Failover: when the verifier dies, stalls past `round_timeout` or refuses, the node opens
-a session elsewhere with the prompt plus every committed token and resends the same tree
-(it hangs off the same pending token). Token choice is a pure function of (seed,
-position) and the target's logits, so the output is the same as without the failure.
+First token at prefill speed: a 1.1 verifier acknowledges the session before its
+prefill, and the node's first request is an empty tree, whose answer is the target's
+token after the prompt: the user sees it after one prefill, as with plain decoding.
+Meanwhile the node prefills its draft model and bets on that token (`Drafter.bet_first`),
+so its first real tree is usually ready when the token arrives.
+
+Failover: when the verifier dies, freezes, stops making progress or refuses, the node
+opens a session elsewhere with the prompt plus every committed token and resends the
+same tree (it hangs off the same pending token). Token choice is a pure function of
+(seed, position) and the target's logits, so the output is the same as without the
+failure.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from specedge.node.client import RoundResult, Session, SessionRequest
 from specedge.node.errors import NodeError, NoVerifierError, VocabularyMismatch
 from specedge.node.receipts import KeptReceipt, ReceiptBook
 from specedge.protocol.errors import ProtocolError
-from specedge.protocol.limits import RESULT_TIMEOUT
 from specedge.sampling import SamplingParams
 from specedge.trees import TokenTree, TreeShape
 
@@ -68,6 +74,8 @@ class NodeStats(GenerationStats):
 
     verifiers: list[str] = field(default_factory=list)
     failovers: int = 0
+    first_token_from_prefill: bool = False  # the first token came with the verifier's prefill
+    first_guess_hit: bool | None = None  # the draft's bet on that token was right
     time_to_first_token_ms: float | None = None
     inter_token_latency_ms: float | None = None
     mean_round_trip_ms: float | None = None
@@ -136,7 +144,6 @@ async def generate(
     on_tokens: OnTokens | None = None,
     on_event: OnEvent | None = None,
     book: ReceiptBook | None = None,
-    round_timeout: float = RESULT_TIMEOUT,
     max_failovers: int = MAX_FAILOVERS,
     stop: Callable[[], bool] | None = None,
 ) -> NodeGeneration:
@@ -145,134 +152,211 @@ async def generate(
     `on_tokens` gets tokens as they are accepted; `on_event(kind, info)` gets "session"
     (a verifier took the generation), "round" (drafted and accepted counts) and
     "failover" (the verifier failed; info says which and why). `stop()` lets a caller
-    end early (an API stop string) after any round. Raises NoVerifierError,
-    VocabularyMismatch, or ValueError for bad parameters.
+    end early (an API stop string) after any round. Raises NoVerifierError (VerifiersBusy
+    when every verifier stayed busy), VocabularyMismatch, or ValueError for bad parameters.
     """
     params.check()
     if not prompt_ids:
         raise ValueError("a generation needs at least one prompt token")
-    clock = _Clock()
-    stats = NodeStats()
-    committed = [int(t) for t in prompt_ids]  # everything committed; the pending token last
-
-    def emit(new: list[int]) -> None:
-        clock.tick(len(new))
-        if on_tokens is not None:
-            on_tokens(new)
-
-    def event(kind: str, **info: object) -> None:
-        if on_event is not None:
-            on_event(kind, info)
-
-    out = Output(max_new_tokens, eos_ids, emit)
-    drafter = Drafter(draft_model, shape)
-    draft_vocab = vocab_size(draft_model)
-    session: Session | None = None
-    avoid: set[str] = set()
-    receipts: list[KeptReceipt] = []
-    round_trips: list[float] = []
-    tree: TokenTree | None = None
-    tree_draft_s = 0.0
-    tree_proactive = False
-    stopped_by_caller = False
-    mismatch: VocabularyMismatch | None = None
+    run = _Run(Drafter(draft_model, shape), vocab_size(draft_model), prompt_ids,
+               max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
+               on_event, book, max_failovers, stop)
     try:
-        while not out.done:
-            if session is None:
-                request = SessionRequest(model_id, list(committed), params,
-                                         max_new_tokens - len(out.tokens))
-                try:
-                    session = await connector.open_session(request, avoid)
-                except NoVerifierError:
-                    if mismatch is not None:  # every verifier left had the wrong vocabulary
-                        raise mismatch from None
-                    raise
-                try:
-                    check_vocabulary(draft_vocab, session)
-                except VocabularyMismatch as exc:
-                    # One misconfigured (or lying) verifier must not stop the node: try
-                    # the others, and report the mismatch only if none fits.
-                    mismatch = exc
-                    avoid.add(session.verifier)
-                    connector.failed(session.verifier, str(exc))
-                    await session.abort()
-                    session = None
-                    continue
-                drafter.shape = capped(drafter.shape, session.max_tree_tokens)
-                if session.verifier not in stats.verifiers:
-                    stats.verifiers.append(session.verifier)
-                event("session", verifier=session.verifier, committed=len(committed))
-            if tree is None:
-                t0 = time.perf_counter()
-                tree = await trio.to_thread.run_sync(drafter.draft, list(committed))
-                tree_draft_s, tree_proactive = time.perf_counter() - t0, False
-            n = min(len(tree), session.max_tree_tokens)
-
-            def take(result: RoundResult, tree: TokenTree = tree, n: int = n,
-                     verifier: str = session.verifier) -> None:
-                # Runs the moment the verdict arrives, before the bet thread has stopped:
-                # the user gets the tokens without waiting for speculative work.
-                round_trips.append(result.round_trip_s)
-                stats.record_round(n, len(result.accepted))
-                event("round", verifier=verifier, drafted=n, accepted=len(result.accepted))
-                new = [tree.tokens[i] for i in result.accepted] + [result.bonus]
-                committed.extend(new)
-                receipts.append(result.receipt)
-                if book is not None:
-                    book.keep(result.receipt)
-                out.extend(new)
-
-            result, failure, bet, bet_s = await _round(
-                session, drafter, tree, n, proactive, tree_proactive, tree_draft_s,
-                round_timeout, take)
-            if failure is not None:
-                failed = session.verifier
-                await session.abort()
-                session = None
-                avoid.add(failed)
-                connector.failed(failed, str(failure))
-                stats.failovers += 1
-                log.warning("verifier %s failed (%s); failing over", failed, failure)
-                event("failover", verifier=failed, reason=str(failure),
-                      committed=len(committed) - len(prompt_ids))
-                if stats.failovers > max_failovers:
-                    raise NoVerifierError(f"gave up after {stats.failovers} failovers; "
-                                          f"last: {failure}")
-                continue  # the same tree goes to the next verifier
-            assert result is not None
-            if bet is not None:
-                stats.proactive_bets += 1
-            if not out.done and stop is not None and stop():
-                stopped_by_caller = out.done = True
-            if out.done:
+        while not run.out.done:
+            if run.session is None and not await run.open():
+                continue
+            if not await run.round():
                 break
-            if bet is not None and bet.hit(result.accepted, result.bonus):
-                stats.proactive_hits += 1
-                t0 = time.perf_counter()
-                tree = await trio.to_thread.run_sync(drafter.adopt, bet)
-                tree_draft_s, tree_proactive = bet_s + time.perf_counter() - t0, True
-            else:
-                t0 = time.perf_counter()
-                tree = await trio.to_thread.run_sync(
-                    _commit_and_draft, drafter, tree, result.accepted, list(committed))
-                tree_draft_s, tree_proactive = time.perf_counter() - t0, False
-        if session is not None:
-            await session.close()
-            session = None
+        await run.close()
     finally:
-        if session is not None:
+        await run.abort()
+    return run.result()
+
+
+class _Run:
+    """One generation's state between rounds: what is committed, the session, the tree
+    to send next and how it was made, the receipts and the statistics."""
+
+    def __init__(self, drafter: Drafter, draft_vocab: int, prompt_ids: Sequence[int],
+                 max_new_tokens: int, eos_ids: Sequence[int], connector: Connector,
+                 model_id: str, params: SamplingParams, proactive: bool,
+                 on_tokens: OnTokens | None, on_event: OnEvent | None,
+                 book: ReceiptBook | None, max_failovers: int,
+                 stop: Callable[[], bool] | None) -> None:
+        self.drafter, self.draft_vocab = drafter, draft_vocab
+        self.connector, self.model_id, self.params = connector, model_id, params
+        self.proactive, self.on_tokens, self.on_event = proactive, on_tokens, on_event
+        self.book, self.max_failovers, self.stop = book, max_failovers, stop
+        self.prompt_len = len(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.clock = _Clock()
+        self.stats = NodeStats()
+        self.committed = [int(t) for t in prompt_ids]  # everything committed; pending last
+        self.out = Output(max_new_tokens, eos_ids, self._emit)
+        self.session: Session | None = None
+        self.avoid: set[str] = set()
+        self.receipts: list[KeptReceipt] = []
+        self.round_trips: list[float] = []
+        self.tree: TokenTree | None = None  # the next tree to send; None: draft it first
+        self.tree_draft_s = 0.0
+        self.tree_proactive = False
+        self.stopped_by_caller = False
+        self.mismatch: VocabularyMismatch | None = None
+
+    def _emit(self, new: list[int]) -> None:
+        self.clock.tick(len(new))
+        if self.on_tokens is not None:
+            self.on_tokens(new)
+
+    def _event(self, kind: str, **info: object) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, info)
+
+    # -- sessions -------------------------------------------------------------------
+
+    async def open(self) -> bool:
+        """Open a session on the best verifier; False when it had to be refused (a
+        vocabulary mismatch: the caller looks for another)."""
+        request = SessionRequest(self.model_id, list(self.committed), self.params,
+                                 self.max_new_tokens - len(self.out.tokens))
+        try:
+            session = await self.connector.open_session(request, self.avoid)
+        except NoVerifierError:
+            if self.mismatch is not None:  # every verifier left had the wrong vocabulary
+                raise self.mismatch from None
+            raise
+        try:
+            check_vocabulary(self.draft_vocab, session)
+        except VocabularyMismatch as exc:
+            # One misconfigured (or lying) verifier must not stop the node: try the
+            # others, and report the mismatch only if none fits.
+            self.mismatch = exc
+            self.avoid.add(session.verifier)
+            self.connector.failed(session.verifier, str(exc))
             await session.abort()
-    stats.target_forwards = stats.rounds
-    stats.draft_forwards = drafter.counter.forwards
-    stats.generated = len(out.tokens)
-    stats.wall_s = time.perf_counter() - clock.start
-    if round_trips:
-        stats.mean_round_trip_ms = round(sum(round_trips) / len(round_trips) * 1e3, 3)
-    clock.fill(stats)
-    last = out.tokens[-1] if out.tokens else None
-    hit_eos = last is not None and last in out.eos
-    finish = "stop" if hit_eos or stopped_by_caller else "length"
-    return NodeGeneration(out.tokens, stats, receipts, finish)
+            return False
+        self.session = session
+        self.drafter.shape = capped(self.drafter.shape, session.max_tree_tokens)
+        if session.verifier not in self.stats.verifiers:
+            self.stats.verifiers.append(session.verifier)
+        if self.tree is None and not self.out.tokens and session.liveness.progress:
+            # The first token comes from the verifier's prefill: ask with an empty tree.
+            self.tree, self.tree_draft_s, self.tree_proactive = TokenTree(), 0.0, False
+            self.stats.first_token_from_prefill = True
+        self._event("session", verifier=session.verifier, committed=len(self.committed))
+        return True
+
+    async def _failover(self, failure: ProtocolError) -> None:
+        assert self.session is not None
+        failed = self.session.verifier
+        await self.session.abort()
+        self.session = None
+        self.avoid.add(failed)
+        self.connector.failed(failed, str(failure))
+        self.stats.failovers += 1
+        log.warning("verifier %s failed (%s); failing over", failed, failure)
+        self._event("failover", verifier=failed, reason=str(failure),
+                    committed=len(self.committed) - self.prompt_len)
+        if self.stats.failovers > self.max_failovers:
+            raise NoVerifierError(f"gave up after {self.stats.failovers} failovers; "
+                                  f"last: {failure}")
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def abort(self) -> None:
+        if self.session is not None:
+            await self.session.abort()
+            self.session = None
+
+    # -- rounds ---------------------------------------------------------------------
+
+    async def round(self) -> bool:
+        """Send the next tree and take its verdict; False when the generation is over."""
+        session = self.session
+        assert session is not None
+        if self.tree is None:
+            t0 = time.perf_counter()
+            self.tree = await trio.to_thread.run_sync(self.drafter.draft, list(self.committed))
+            self.tree_draft_s, self.tree_proactive = time.perf_counter() - t0, False
+        tree = self.tree
+        n = min(len(tree), session.max_tree_tokens)
+        result, failure, bet, bet_s = await _round(
+            session, self._bettor(tree), tree, n, self.tree_proactive, self.tree_draft_s,
+            lambda result: self._take(result, tree, n, session.verifier))
+        if failure is not None:
+            await self._failover(failure)
+            return True  # the same tree goes to the next verifier
+        assert result is not None
+        if bet is not None and len(tree):
+            self.stats.proactive_bets += 1
+        if not self.out.done and self.stop is not None and self.stop():
+            self.stopped_by_caller = self.out.done = True
+        if self.out.done:
+            return False
+        await self._next_tree(tree, result, bet, bet_s)
+        return True
+
+    def _bettor(self, tree: TokenTree) -> Callable[[threading.Event], Bet | None] | None:
+        """What the bet thread runs while `tree` is out, if anything."""
+        if not len(tree) and self.proactive:  # the first token: bet on it meanwhile
+            return lambda cancel: self.drafter.bet_first(list(self.committed), cancel)
+        if not len(tree):  # not even a bet: still prefill the draft model meanwhile
+            return lambda cancel: self.drafter.prefill(list(self.committed))
+        if not self.proactive:
+            return None
+        return lambda cancel: self.drafter.bet(tree, cancel)
+
+    def _take(self, result: RoundResult, tree: TokenTree, n: int, verifier: str) -> None:
+        """Commit a verdict the moment it arrives, before the bet thread has stopped: the
+        user gets the tokens without waiting for speculative work."""
+        self.round_trips.append(result.round_trip_s)
+        if n:
+            self.stats.record_round(n, len(result.accepted))
+        self._event("round", verifier=verifier, drafted=n, accepted=len(result.accepted))
+        new = [tree.tokens[i] for i in result.accepted] + [result.bonus]
+        self.committed.extend(new)
+        self.receipts.append(result.receipt)
+        if self.book is not None:
+            self.book.keep(result.receipt)
+        self.out.extend(new)
+
+    async def _next_tree(self, tree: TokenTree, result: RoundResult, bet: Bet | None,
+                         bet_s: float) -> None:
+        hit = bet is not None and bet.hit(result.accepted, result.bonus)
+        if not len(tree):
+            self.stats.first_guess_hit = hit if bet is not None else None
+        elif hit:
+            self.stats.proactive_hits += 1
+        t0 = time.perf_counter()
+        if hit:
+            assert bet is not None
+            self.tree = await trio.to_thread.run_sync(self.drafter.adopt, bet)
+            self.tree_draft_s, self.tree_proactive = bet_s + time.perf_counter() - t0, True
+            return
+        if len(tree):
+            self.tree = await trio.to_thread.run_sync(
+                _commit_and_draft, self.drafter, tree, result.accepted, list(self.committed))
+        else:
+            self.tree = await trio.to_thread.run_sync(self.drafter.draft, list(self.committed))
+        self.tree_draft_s, self.tree_proactive = time.perf_counter() - t0, False
+
+    def result(self) -> NodeGeneration:
+        stats, out = self.stats, self.out
+        stats.target_forwards = stats.rounds
+        stats.draft_forwards = self.drafter.counter.forwards
+        stats.generated = len(out.tokens)
+        stats.wall_s = time.perf_counter() - self.clock.start
+        if self.round_trips:
+            stats.mean_round_trip_ms = round(
+                sum(self.round_trips) / len(self.round_trips) * 1e3, 3)
+        self.clock.fill(stats)
+        last = out.tokens[-1] if out.tokens else None
+        hit_eos = last is not None and last in out.eos
+        finish = "stop" if hit_eos or self.stopped_by_caller else "length"
+        return NodeGeneration(out.tokens, stats, self.receipts, finish)
 
 
 BET_NICE = 19  # the lowest CPU priority: speculative work yields to everything else
@@ -305,9 +389,14 @@ async def run_speculative(fn: Callable[[], None]) -> None:
             except trio.RunFinishedError:
                 pass
 
-    threading.Thread(target=target, name="specedge-bet", daemon=True).start()
+    thread = threading.Thread(target=target, name="specedge-bet", daemon=True)
+    thread.start()
     with trio.CancelScope(shield=True):
         await done.wait()
+        # The thread is still finishing (returning from `from_thread`): wait until it has
+        # ended, so no thread of ours is alive when the interpreter exits (a daemon
+        # thread killed inside torch's C++ code aborts the process: exit status 134).
+        await trio.to_thread.run_sync(thread.join)
     if errors:
         raise errors[0]
 
@@ -328,11 +417,12 @@ def _commit_and_draft(drafter: Drafter, tree: TokenTree, accepted: list[int],
 
 
 async def _round(
-    session: Session, drafter: Drafter, tree: TokenTree, n: int, proactive: bool,
-    tree_proactive: bool, tree_draft_s: float, timeout: float,
+    session: Session, bettor: Callable[[threading.Event], Bet | None] | None,
+    tree: TokenTree, n: int, tree_proactive: bool, tree_draft_s: float,
     take: Callable[[RoundResult], None],
 ) -> tuple[RoundResult | None, ProtocolError | None, Bet | None, float]:
-    """One request in flight, with the proactive bet drafted meanwhile in a thread.
+    """One request in flight, with the proactive bet (`bettor`) drafted meanwhile in a
+    thread.
 
     `take(result)` is called as soon as the result arrives. Returns (result, None, bet,
     bet seconds) or (None, failure, None, 0). The drafter is touched only by the bet
@@ -343,19 +433,20 @@ async def _round(
     box: list[tuple[Bet | None, float]] = []
 
     def bet() -> None:
+        assert bettor is not None
         t0 = time.perf_counter()
-        made = drafter.bet(tree, cancel)
+        made = bettor(cancel)
         box.append((made, time.perf_counter() - t0))
 
     result: RoundResult | None = None
     failure: ProtocolError | None = None
     async with trio.open_nursery() as nursery:
-        if proactive:
+        if bettor is not None:
             nursery.start_soon(run_speculative, bet)
         try:
             result = await session.verify(tree.tokens[:n], tree.parents[:n],
                                           proactive=tree_proactive,
-                                          draft_micros=int(tree_draft_s * 1e6), timeout=timeout)
+                                          draft_micros=int(tree_draft_s * 1e6))
         except ProtocolError as exc:
             failure = exc
         finally:

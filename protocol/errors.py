@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from specedge.protocol import specedge_pb2 as pb
-from specedge.protocol.limits import MAX_ERROR_MESSAGE_CHARS
+from specedge.protocol.limits import MAX_ERROR_MESSAGE_CHARS, MAX_RETRY_AFTER_MS
 
 
 class ErrorCode(IntEnum):
@@ -42,19 +42,26 @@ class ErrorCode(IntEnum):
     STREAM_CLOSED = 22
     SHUTTING_DOWN = 23
     INTERNAL = 24
+    BUSY = 25
 
 
 class ProtocolError(Exception):
-    """A refusal with one typed code; safe to send back to the peer as an Error frame."""
+    """A refusal with one typed code; safe to send back to the peer as an Error frame.
 
-    def __init__(self, code: ErrorCode, message: str = "") -> None:
+    ``retry_after``: seconds after which asking again may succeed (BUSY, OVERLOADED), or
+    None when unknown.
+    """
+
+    def __init__(self, code: ErrorCode, message: str = "",
+                 retry_after: float | None = None) -> None:
         self.code = ErrorCode(code)
         self.message = message or self.code.name
+        self.retry_after = retry_after
         super().__init__(f"{self.code.name}: {self.message}")
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         # Keep pickling (process pools, trio.to_thread results) working.
-        return (type(self), (self.code, self.message))
+        return (type(self), (self.code, self.message, self.retry_after))
 
 
 def _clip(message: str) -> str:
@@ -70,11 +77,15 @@ def error_frame(exc: BaseException, session_id: bytes = b"", seq: int = 0) -> pb
     A ProtocolError keeps its code and message. Anything else becomes INTERNAL with a
     generic message: details of our own bugs are logged locally, not sent to strangers.
     """
+    retry_ms = 0
     if isinstance(exc, ProtocolError):
         code, message = exc.code, exc.message
+        if exc.retry_after is not None:
+            retry_ms = min(max(round(exc.retry_after * 1000), 1), MAX_RETRY_AFTER_MS)
     else:
         code, message = ErrorCode.INTERNAL, "internal error"
-    err = pb.Error(code=int(code), message=_clip(message), session_id=session_id, seq=seq)
+    err = pb.Error(code=int(code), message=_clip(message), session_id=session_id, seq=seq,
+                   retry_after_ms=retry_ms)
     return pb.Frame(error=err)
 
 
@@ -82,14 +93,16 @@ class RemoteError(ProtocolError):
     """The peer refused with an Error frame (as opposed to our own refusal of its input)."""
 
     def __init__(
-        self, code: ErrorCode, message: str = "", session_id: bytes = b"", seq: int = 0
+        self, code: ErrorCode, message: str = "", session_id: bytes = b"", seq: int = 0,
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(code, message)
+        super().__init__(code, message, retry_after)
         self.session_id = session_id
         self.seq = seq
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
-        return (type(self), (self.code, self.message, self.session_id, self.seq))
+        return (type(self), (self.code, self.message, self.session_id, self.seq,
+                             self.retry_after))
 
 
 def from_error(err: pb.Error) -> RemoteError:
@@ -102,4 +115,5 @@ def from_error(err: pb.Error) -> RemoteError:
         code = ErrorCode(err.code)
     except ValueError:
         code = ErrorCode.ERROR_UNSPECIFIED
-    return RemoteError(code, _clip(err.message), bytes(err.session_id[:64]), err.seq)
+    retry = min(err.retry_after_ms, MAX_RETRY_AFTER_MS) / 1000 if err.retry_after_ms else None
+    return RemoteError(code, _clip(err.message), bytes(err.session_id[:64]), err.seq, retry)

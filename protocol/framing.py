@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, ProtocolError
-from specedge.protocol.limits import FRAME_LIMITS, MAX_FRAME_BYTES, RESULT_TIMEOUT, WRITE_TIMEOUT
+from specedge.protocol.limits import FRAME_LIMITS, MAX_FRAME_BYTES, SILENCE_TIMEOUT, WRITE_TIMEOUT
 from specedge.protocol.varint import decode_uvarint, encode_uvarint
 
 
@@ -175,7 +175,7 @@ async def _read_frame(stream: ReadStream, max_size: int) -> pb.Frame:
 
 
 async def read_frame(
-    stream: ReadStream, max_size: int = MAX_FRAME_BYTES, timeout: float = RESULT_TIMEOUT
+    stream: ReadStream, max_size: int = MAX_FRAME_BYTES, timeout: float = SILENCE_TIMEOUT
 ) -> pb.Frame:
     """Read one Frame from a libp2p stream.
 

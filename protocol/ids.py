@@ -1,10 +1,15 @@
 """Protocol ids, versions and DHT keys.
 
-The libp2p protocol id carries the version ("/specedge/verify/1.0.0"). Peers with the
-same major version interoperate; multistream-select matches ids exactly, so a peer
-speaking an unknown major version finds no handler, and ``negotiate`` /
-``check_version`` refuse it explicitly wherever a version string is exchanged
-(OpenSession.client_version, Advertisement.protocol_version).
+The libp2p protocol id carries the major version ("/specedge/verify/1.0.0" for every
+1.x). Peers with the same major version interoperate; multistream-select matches ids
+exactly, so the id never names a minor version (a 1.0 node must still find a 1.1
+verifier's handler), and a peer speaking an unknown major version finds no handler.
+Minor versions are exchanged in messages (OpenSession.client_version,
+Advertisement.protocol_version), where ``negotiate`` / ``check_version`` refuse an
+unknown major explicitly and ``supports`` tells what a peer's minor version adds.
+
+1.1 adds OpenSession.progress (Progress frames, SessionOpened at admission), BUSY with
+Error.retry_after_ms, and the Advertisement's measured speed and load.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from collections.abc import Iterable
 from specedge.protocol.errors import ErrorCode, ProtocolError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1
 PROTOCOL_PATCH = 0
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}.{PROTOCOL_PATCH}"
 
 VERIFY_FAMILY = "/specedge/verify"
 ADVERT_FAMILY = "/specedge/advert"
-VERIFY_PROTOCOL = f"{VERIFY_FAMILY}/{PROTOCOL_VERSION}"
-ADVERT_PROTOCOL = f"{ADVERT_FAMILY}/{PROTOCOL_VERSION}"
+WIRE_VERSION = f"{PROTOCOL_MAJOR}.0.0"  # what protocol ids carry: the major version only
+VERIFY_PROTOCOL = f"{VERIFY_FAMILY}/{WIRE_VERSION}"
+ADVERT_PROTOCOL = f"{ADVERT_FAMILY}/{WIRE_VERSION}"
+PROGRESS_SINCE = (1, 1, 0)  # OpenSession.progress, BUSY, the Advertisement's speed fields
 
 DHT_NAMESPACE = "/specedge/model/"
 
@@ -53,6 +60,14 @@ def check_version(version: str) -> tuple[int, int, int]:
     return parsed
 
 
+def supports(version: str, since: tuple[int, int, int]) -> bool:
+    """Whether a peer announcing ``version`` (same major) has what ``since`` added."""
+    try:
+        return check_version(version) >= since
+    except ProtocolError:
+        return False
+
+
 def parse_protocol_id(protocol_id: str) -> tuple[str, tuple[int, int, int]]:
     """Split "/specedge/verify/1.0.0" into ("/specedge/verify", (1, 0, 0))."""
     family, sep, version = protocol_id.rpartition("/")
@@ -79,7 +94,7 @@ def negotiate(offered: Iterable[str], family: str = VERIFY_FAMILY) -> str:
             continue
         seen.append(pid)
         if major == PROTOCOL_MAJOR:
-            return f"{family}/{PROTOCOL_VERSION}"
+            return f"{family}/{WIRE_VERSION}"
     raise ProtocolError(
         ErrorCode.UNSUPPORTED_VERSION,
         f"no offered {family} version is compatible with {PROTOCOL_VERSION}: {seen[:8]}",

@@ -35,6 +35,10 @@ MAX_VERIFY_MICROS = 3_600_000_000
 MAX_BATCH_TOKENS = 1 << 20
 MAX_FREE_SLOTS = 1 << 16
 MAX_QUEUE_DEPTH = 1 << 20
+MAX_SESSIONS = 1 << 16
+MAX_PASS_COSTS = 64  # points of an advertised pass-cost curve
+MAX_RETRY_AFTER_MS = 3_600_000  # a BUSY verifier asking for more than an hour means "no"
+MAX_ETA_MS = 24 * 3_600_000
 
 # Bytes per frame kind (the serialized Frame, without its length prefix). Each fits
 # the largest message that passes validation (strings at 4 UTF-8 bytes a character,
@@ -50,16 +54,46 @@ FRAME_LIMITS: dict[str, int] = {
     "error": 8 * 1024,
     "advert": 4 * 1024,
     "advert_query": 2 * 1024,
+    "progress": 256,
 }
 # The length prefix is checked against this before a body is read.
 MAX_FRAME_BYTES = max(FRAME_LIMITS.values())
 MAX_VARINT_BYTES = 9  # libp2p unsigned-varint: at most 63 bits
 
-# Timeouts, seconds. Reads wait for a peer; none may wait forever (a frozen peer
-# otherwise hangs a read indefinitely, see notes/libp2p.md).
-HANDSHAKE_TIMEOUT = 30.0  # OpenSession -> SessionOpened includes a prefill
-RESULT_TIMEOUT = 60.0  # a VerifyRequest may queue behind other sessions' batches
-IDLE_TIMEOUT = 300.0  # verifier waiting for a session's next request
+# Liveness and timeouts, in seconds: the one place they are defined.
+#
+# Busy is not dead. A wait that includes queued work has no fixed deadline: a verifier
+# working on a session's prefill or request sends a Progress frame at least every
+# HEARTBEAT_INTERVAL, and the node calls it dead only when no frame at all arrived for
+# SILENCE_TIMEOUT (a killed or frozen peer; libp2p's health monitor usually notices
+# sooner). Against a verifier that keeps talking without getting anywhere, the node
+# also requires progress (tokens prefilled, a shorter queue, a new state) within
+# `stall_limit(eta)`: a multiple of the verifier's own estimate, which it derives from
+# its measured speed (prompt tokens / measured prefill tokens per second, queue ahead /
+# measured pass rate), with a floor. Verifiers older than 1.1 send no Progress; for
+# them the node falls back to LEGACY_OPEN_TIMEOUT and LEGACY_RESULT_TIMEOUT.
+#
+# Admission is the verifier's side of the same rule: a session whose prefill could not
+# start within its `--admit-wait` (estimated from the queue and measured speed) is
+# refused at once with BUSY and a retry-after, instead of being accepted and stalled.
+HEARTBEAT_INTERVAL = 1.0
+SILENCE_TIMEOUT = 10.0
+STALL_FLOOR = 60.0
+STALL_FACTOR = 4.0
+ADMIT_WAIT = 30.0  # default --admit-wait: queue wait before a new session's prefill
+BUSY_WAIT = 120.0  # default node --busy-wait: how long a request waits for a busy network
+LEGACY_OPEN_TIMEOUT = 30.0  # 1.0 verifiers: OpenSession -> SessionOpened (with prefill)
+LEGACY_RESULT_TIMEOUT = 60.0  # 1.0 verifiers: a request's answer
+# Waits for a peer's own next frame (not for queued work): a node must send its
+# OpenSession promptly after opening the stream, and a session with no request for
+# IDLE_TIMEOUT is closed to free its memory.
+HANDSHAKE_TIMEOUT = 30.0
+IDLE_TIMEOUT = 300.0
 BATCH_WAIT = 1.5  # verifier holding a free engine for due requests, in mean passes
 WRITE_TIMEOUT = 10.0
 ADVERT_TIMEOUT = 5.0
+
+
+def stall_limit(eta_s: float) -> float:
+    """How long a node waits for progress on work the verifier estimated at `eta_s`."""
+    return max(STALL_FLOOR, STALL_FACTOR * max(eta_s, 0.0))

@@ -34,6 +34,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STREAM_CLOSED: _ClassVar[ErrorCode]
     SHUTTING_DOWN: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
+    BUSY: _ClassVar[ErrorCode]
 ERROR_UNSPECIFIED: ErrorCode
 MALFORMED: ErrorCode
 TOO_LARGE: ErrorCode
@@ -59,6 +60,7 @@ TIMEOUT: ErrorCode
 STREAM_CLOSED: ErrorCode
 SHUTTING_DOWN: ErrorCode
 INTERNAL: ErrorCode
+BUSY: ErrorCode
 
 class Envelope(_message.Message):
     __slots__ = ("public_key", "payload_type", "payload", "signature")
@@ -85,20 +87,22 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens")
+    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens", "progress")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
     sampling: Sampling
     client_version: str
     max_new_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    progress: bool
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., progress: _Optional[bool] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "verifier_peer_id", "vocab_size", "max_tree_tokens")
@@ -177,19 +181,57 @@ class CloseSession(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "session_id", "seq")
+    __slots__ = ("code", "message", "session_id", "seq", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     session_id: bytes
     seq: int
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("session_id", "seq", "state", "queue_position", "done", "total", "eta_ms")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Progress.State]
+        QUEUED: _ClassVar[Progress.State]
+        PREFILLING: _ClassVar[Progress.State]
+        VERIFYING: _ClassVar[Progress.State]
+    STATE_UNSPECIFIED: Progress.State
+    QUEUED: Progress.State
+    PREFILLING: Progress.State
+    VERIFYING: Progress.State
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ETA_MS_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    seq: int
+    state: Progress.State
+    queue_position: int
+    done: int
+    total: int
+    eta_ms: int
+    def __init__(self, session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., state: _Optional[_Union[Progress.State, str]] = ..., queue_position: _Optional[int] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., eta_ms: _Optional[int] = ...) -> None: ...
+
+class PassCost(_message.Message):
+    __slots__ = ("rows", "micros")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MICROS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    micros: int
+    def __init__(self, rows: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
 
 class Advertisement(_message.Message):
-    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size")
+    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size", "prefill_tokens_per_s", "mean_pass_micros", "sessions_open", "max_sessions", "queued_prefill_tokens", "pass_costs", "engine")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +241,13 @@ class Advertisement(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_TREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PASS_MICROS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PASS_COSTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     max_batch_tokens: int
@@ -208,7 +257,14 @@ class Advertisement(_message.Message):
     protocol_version: str
     max_tree_tokens: int
     vocab_size: int
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    mean_pass_micros: int
+    sessions_open: int
+    max_sessions: int
+    queued_prefill_tokens: int
+    pass_costs: _containers.RepeatedCompositeFieldContainer[PassCost]
+    engine: str
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., mean_pass_micros: _Optional[int] = ..., sessions_open: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class AdvertQuery(_message.Message):
     __slots__ = ("model_id",)
@@ -217,7 +273,7 @@ class AdvertQuery(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("open", "opened", "verify", "result", "close", "error", "advert", "advert_query")
+    __slots__ = ("open", "opened", "verify", "result", "close", "error", "advert", "advert_query", "progress")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +282,7 @@ class Frame(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ADVERT_FIELD_NUMBER: _ClassVar[int]
     ADVERT_QUERY_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     opened: SessionOpened
     verify: Envelope
@@ -234,4 +291,5 @@ class Frame(_message.Message):
     error: Error
     advert: Advertisement
     advert_query: AdvertQuery
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verify: _Optional[_Union[Envelope, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., advert: _Optional[_Union[Advertisement, _Mapping]] = ..., advert_query: _Optional[_Union[AdvertQuery, _Mapping]] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verify: _Optional[_Union[Envelope, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., advert: _Optional[_Union[Advertisement, _Mapping]] = ..., advert_query: _Optional[_Union[AdvertQuery, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...

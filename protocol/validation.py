@@ -30,15 +30,19 @@ from specedge.protocol.limits import (
     MAX_BATCH_TOKENS,
     MAX_DRAFT_MICROS,
     MAX_ERROR_MESSAGE_CHARS,
+    MAX_ETA_MS,
     MAX_FREE_SLOTS,
     MAX_MODEL_ID_CHARS,
     MAX_NEW_TOKENS,
+    MAX_PASS_COSTS,
     MAX_PEER_ID_CHARS,
     MAX_PROMPT_TOKENS,
     MAX_QUEUE_DEPTH,
     MAX_REASON_CHARS,
     MAX_RECEIPT_ENVELOPE_BYTES,
+    MAX_RETRY_AFTER_MS,
     MAX_REVISION_CHARS,
+    MAX_SESSIONS,
     MAX_TEMPERATURE,
     MAX_TOP_K,
     MAX_TREE_TOKENS,
@@ -325,6 +329,24 @@ def validate_error(msg: pb.Error) -> None:
         raise _fail(ErrorCode.TOO_LARGE, "error message too long")
     if msg.session_id and len(msg.session_id) != SESSION_ID_BYTES:
         raise _fail(ErrorCode.MALFORMED, "error session_id must be empty or 16 bytes")
+    _range(msg.retry_after_ms, "retry_after_ms", 0, MAX_RETRY_AFTER_MS)
+
+
+def validate_progress(msg: pb.Progress, *, session_id: bytes | None = None,
+                      seq: int | None = None) -> None:
+    """Check a Progress frame on the node (``session_id``/``seq``: what it waits for;
+    a frame about something else is BAD_RESULT: the verifier is confused or lying)."""
+    _session_id(msg.session_id)
+    if session_id is not None and msg.session_id != session_id:
+        raise _fail(ErrorCode.BAD_RESULT, "progress names another session")
+    if seq is not None and msg.seq not in (0, seq):
+        raise _fail(ErrorCode.BAD_RESULT, f"progress for seq {msg.seq}, waiting for {seq}")
+    _range(msg.done, "done", 0, MAX_PROMPT_TOKENS)
+    _range(msg.total, "total", 0, MAX_PROMPT_TOKENS)
+    if msg.done > msg.total:
+        raise _fail(ErrorCode.INVALID_PARAMETER, "progress done > total")
+    _range(msg.queue_position, "queue_position", 0, MAX_QUEUE_DEPTH)
+    _range(msg.eta_ms, "eta_ms", 0, MAX_ETA_MS)
 
 
 def validate_advertisement(msg: pb.Advertisement) -> None:
@@ -339,6 +361,19 @@ def validate_advertisement(msg: pb.Advertisement) -> None:
     _range(msg.mean_verify_micros, "mean_verify_micros", 0, MAX_VERIFY_MICROS)
     _range(msg.max_tree_tokens, "max_tree_tokens", 0, MAX_TREE_TOKENS)  # 0: not announced
     _range(msg.vocab_size, "vocab_size", 0, MAX_VOCAB_SIZE)
+    speed = msg.prefill_tokens_per_s
+    if not math.isfinite(speed) or not 0.0 <= speed <= 1e9:
+        raise _fail(ErrorCode.INVALID_PARAMETER, f"prefill_tokens_per_s {speed} out of range")
+    _range(msg.mean_pass_micros, "mean_pass_micros", 0, MAX_VERIFY_MICROS)
+    _range(msg.sessions_open, "sessions_open", 0, MAX_SESSIONS)
+    _range(msg.max_sessions, "max_sessions", 0, MAX_SESSIONS)
+    _range(msg.queued_prefill_tokens, "queued_prefill_tokens", 0, MAX_QUEUE_DEPTH * 1024)
+    if len(msg.pass_costs) > MAX_PASS_COSTS:
+        raise _fail(ErrorCode.TOO_LARGE, f"{len(msg.pass_costs)} pass costs > {MAX_PASS_COSTS}")
+    for point in msg.pass_costs:
+        _range(point.rows, "pass_costs.rows", 1, MAX_BATCH_TOKENS)
+        _range(point.micros, "pass_costs.micros", 0, MAX_VERIFY_MICROS)
+    _text(msg.engine, "engine", MAX_MODEL_ID_CHARS, required=False)
 
 
 def validate_advert_query(msg: pb.AdvertQuery) -> None:
@@ -366,6 +401,7 @@ _STATELESS = {
     "close": lambda f: validate_close_session(f.close),
     "error": lambda f: validate_error(f.error),
     "advert": lambda f: validate_advertisement(f.advert),
+    "progress": lambda f: validate_progress(f.progress),
     "advert_query": lambda f: validate_advert_query(f.advert_query),
 }
 

@@ -55,6 +55,7 @@ from specedge.protocol.validation import (
     validate_error,
     validate_frame,
     validate_open_session,
+    validate_progress,
     validate_receipt,
     validate_session_opened,
     validate_verify_request,
@@ -87,13 +88,22 @@ OPENED = pb.SessionOpened(session_id=SID, verifier_peer_id=VERIFIER_ID, vocab_si
                           max_tree_tokens=64)
 ADVERT = pb.Advertisement(model_id="tiny-test", revision="main", max_batch_tokens=4096,
                           free_slots=4, queue_depth=1, mean_verify_micros=2000,
-                          protocol_version="1.0.0", max_tree_tokens=64, vocab_size=VOCAB)
+                          protocol_version="1.1.0", max_tree_tokens=64, vocab_size=VOCAB,
+                          prefill_tokens_per_s=900.0, mean_pass_micros=30_000,
+                          sessions_open=2, max_sessions=64, queued_prefill_tokens=100,
+                          pass_costs=[pb.PassCost(rows=1, micros=700),
+                                      pb.PassCost(rows=8, micros=900)],
+                          engine="torch/float32")
+PROGRESS = pb.Progress(session_id=SID, seq=3, state=pb.Progress.QUEUED, queue_position=2,
+                       done=10, total=100, eta_ms=1500)
 FRAMES = [
     pb.Frame(open=OPEN), pb.Frame(opened=OPENED), pb.Frame(verify=pb.Envelope.FromString(
         REQUEST_ENV)), pb.Frame(result=RESULT_MSG),
     pb.Frame(close=pb.CloseSession(session_id=SID, reason="bye")),
     pb.Frame(error=pb.Error(code=pb.BAD_TREE, message="no", session_id=SID, seq=3)),
     pb.Frame(advert=ADVERT), pb.Frame(advert_query=pb.AdvertQuery(model_id="tiny-test")),
+    pb.Frame(progress=PROGRESS),
+    pb.Frame(error=pb.Error(code=pb.BUSY, message="full", retry_after_ms=2500)),
 ]
 FRAME_BYTES = [encode_frame(f) for f in FRAMES]
 
@@ -125,6 +135,8 @@ def _check_frame(frame: pb.Frame) -> None:
         validate_receipt(receipt, request_envelope=REQUEST_ENV, result=frame.result)
     elif kind == "error":
         from_error(frame.error)
+    elif kind == "progress":
+        validate_progress(frame.progress, session_id=SID, seq=3)
 
 
 def t_parse_frame(data: bytes) -> None:
@@ -175,16 +187,18 @@ def t_receipt(data: bytes) -> None:
 
 
 def t_small_messages(data: bytes) -> None:
-    # Close, Error, Advertisement, AdvertQuery: the first byte picks which.
-    kind, rest = (data[0] % 4, data[1:]) if data else (0, b"")
+    # Close, Error, Advertisement, AdvertQuery, Progress: the first byte picks which.
+    kind, rest = (data[0] % 5, data[1:]) if data else (0, b"")
     if kind == 0:
         validate_close_session(_parse(pb.CloseSession, rest), session_id=SID)
     elif kind == 1:
         validate_error(_parse(pb.Error, rest))
     elif kind == 2:
         validate_advertisement(_parse(pb.Advertisement, rest))
-    else:
+    elif kind == 3:
         validate_advert_query(_parse(pb.AdvertQuery, rest))
+    else:
+        validate_progress(_parse(pb.Progress, rest), session_id=SID, seq=3)
 
 
 def t_versions(data: bytes) -> None:
@@ -245,6 +259,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], list[bytes]]] = {
         b"\x01" + pb.Error(code=3, message="m").SerializeToString(),
         b"\x02" + ADVERT.SerializeToString(),
         b"\x03" + pb.AdvertQuery(model_id="tiny-test").SerializeToString(),
+        b"\x04" + PROGRESS.SerializeToString(),
     ]),
     "versions": (t_versions, [b"1.0.0", b"/specedge/verify/1.0.0", b"/specedge/verify/2.1.0\n1.0"]),
     "identity": (t_identity, [NODE.private_key.serialize()]),
@@ -388,12 +403,13 @@ def _prefixed(frame: pb.Frame) -> bytes:
 
 
 def _small(msg) -> bytes:
-    index = [pb.CloseSession, pb.Error, pb.Advertisement, pb.AdvertQuery].index(type(msg))
+    index = [pb.CloseSession, pb.Error, pb.Advertisement, pb.AdvertQuery,
+             pb.Progress].index(type(msg))
     return bytes([index]) + msg.SerializeToString()
 
 
 SMALL = [pb.CloseSession(session_id=SID, reason="x"), pb.Error(code=3, message="m"), ADVERT,
-         pb.AdvertQuery(model_id="tiny-test")]
+         pb.AdvertQuery(model_id="tiny-test"), PROGRESS]
 KEY_FILE = crypto_pb2.PrivateKey.FromString(NODE.private_key.serialize())
 
 

@@ -201,6 +201,24 @@ class Drafter:
         next_tree = side.draft(sequence, cancel)
         return Bet(node=node, path=path, token=token, drafter=side, tree=next_tree)
 
+    def prefill(self, sequence: list[int]) -> None:
+        """Bring the draft model's cache to `sequence` (the next `draft` reuses it)."""
+        self._extend(sequence)
+        self.growth = None
+
+    def bet_first(self, sequence: list[int], cancel: threading.Event | None = None) -> Bet:
+        """Prefill the draft model on `sequence` and bet on the target's next token.
+
+        The bet for a request with an empty tree (the verifier's answer is then just the
+        target's token after `sequence`, e.g. the first token after a prompt, which
+        comes from its prefill): the draft's own most likely next token, and the tree
+        after it, drafted on the main cache since nothing else uses it yet. On a miss,
+        `draft(sequence + [token])` reuses the prefilled rows.
+        """
+        token = int(torch.argmax(self._extend(sequence)))
+        tree = self.draft([*sequence, token], cancel)
+        return Bet(node=-1, path=[], token=token, drafter=self, tree=tree)
+
     def adopt(self, bet: Bet) -> TokenTree:
         """Take over a winning bet's cache and finish its tree if it was cut short."""
         side = bet.drafter

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from specedge.node.client import Session, SessionRequest
+from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.generation import NoVerifierError
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import frame_envelope_bytes, open_request, seal_receipt
@@ -51,12 +51,14 @@ class FakeVerifier:
     """One verifier. `die_at` / `stall_at` / `refuse_at`: the round (1-based, counted over
     all its sessions) at which it closes the stream instead of answering, stops
     answering, or answers an Error. `bad_receipt_at`: it signs a wrong digest.
-    `refuse_open`: every OpenSession gets OVERLOADED."""
+    `refuse_open`: every OpenSession gets OVERLOADED. `busy_opens`: that many OpenSessions
+    (-1: all) get BUSY with `retry_after` seconds. `queue_depth`: what it advertises."""
 
     def __init__(self, model, *, model_id: str = "tiny-test", max_tree: int = 64,
                  vocab_size: int | None = None, die_at: int | None = None,
                  stall_at: int | None = None, refuse_at: int | None = None,
-                 bad_receipt_at: int | None = None, refuse_open: bool = False) -> None:
+                 bad_receipt_at: int | None = None, refuse_open: bool = False,
+                 busy_opens: int = 0, retry_after: float = 0.2, queue_depth: int = 0) -> None:
         self.model = model
         self.model_id = model_id
         self.key = create_new_key_pair()
@@ -66,6 +68,9 @@ class FakeVerifier:
         self.die_at, self.stall_at, self.refuse_at = die_at, stall_at, refuse_at
         self.bad_receipt_at = bad_receipt_at
         self.refuse_open = refuse_open
+        self.busy_opens, self.retry_after = busy_opens, retry_after
+        self.queue_depth = queue_depth
+        self.busy_refusals = 0
         self.rounds = 0
         self.sessions = 0
         self.receipts: list[bytes] = []
@@ -83,6 +88,11 @@ class FakeVerifier:
         msg = frame.open
         if self.refuse_open:
             await write_frame(stream, error_frame(ProtocolError(ErrorCode.OVERLOADED, "full")))
+            return
+        if self.busy_opens < 0 or self.busy_refusals < self.busy_opens:
+            self.busy_refusals += 1
+            await write_frame(stream, error_frame(ProtocolError(
+                ErrorCode.BUSY, "all slots taken", retry_after=self.retry_after)))
             return
         s = msg.sampling
         params = SamplingParams(s.temperature, s.top_p or 1.0, s.top_k, s.seed)
@@ -133,12 +143,17 @@ class FakeVerifier:
 
 
 class FakeConnector:
-    """A `generation.Connector` over FakeVerifiers; serves them in the caller's nursery."""
+    """A `generation.Connector` over FakeVerifiers; serves them in the caller's nursery.
 
-    def __init__(self, nursery: trio.Nursery, identity, verifiers: list[FakeVerifier]) -> None:
+    `liveness`: what the node assumes of them (default: a 1.1 verifier that answers
+    within a short silence; FakeVerifier sends no Progress, so a stall is silence)."""
+
+    def __init__(self, nursery: trio.Nursery, identity, verifiers: list[FakeVerifier],
+                 liveness: Liveness | None = None) -> None:
         self.nursery = nursery
         self.identity = identity
         self.verifiers = verifiers
+        self.liveness = liveness or Liveness(progress=True, silence=2.0)
         self.opened: list[str] = []
         self.failures: list[tuple[str, str]] = []
 
@@ -153,7 +168,8 @@ class FakeConnector:
             client, server = trio.testing.memory_stream_pair()
             self.nursery.start_soon(v.serve, MemStream(server), peer_id_of(self.identity))
             try:
-                session = await Session.open(MemStream(client), v.peer, self.identity, request)
+                session = await Session.open(MemStream(client), v.peer, self.identity, request,
+                                             self.liveness)
             except ProtocolError as exc:
                 reasons.append(str(exc))
                 continue
@@ -169,7 +185,7 @@ def advertisement(fake: FakeVerifier) -> pb.Advertisement:
     from specedge.protocol.ids import PROTOCOL_VERSION
 
     return pb.Advertisement(model_id=fake.model_id, max_batch_tokens=1024, free_slots=4,
-                            queue_depth=0, mean_verify_micros=1000,
+                            queue_depth=fake.queue_depth, mean_verify_micros=1000,
                             protocol_version=PROTOCOL_VERSION, max_tree_tokens=fake.max_tree,
                             vocab_size=fake.vocab_size)
 

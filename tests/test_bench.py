@@ -126,3 +126,33 @@ def test_tie_gaps_measure_the_float32_margin_at_a_divergence():
     gap = found["specedge/K=1"][0]["fp32_logit_gap"]
     assert gap == pytest.approx(float(logits[first] - logits[second]), abs=1e-4)
     assert gap > 0
+
+
+def test_a_failed_run_is_reported_and_nothing_measured_is_lost(tmp_path):
+    """A mode that fails at some K is recorded with its error, the bench goes on, and the
+    JSON on disk holds every run finished so far after each one."""
+    from bench.run import build_parser, measure
+
+    out = tmp_path / "report.json"
+    args = build_parser().parse_args(["--json", str(out)])
+    report = {"machine": {}, "config": {}, "modes": {}}
+    samples = {"verify_ms": {"batch_tokens": [], "ms": []},
+               "ar_step_ms": {"batch": [], "ms": []}, "accepted_length_hist": []}
+    ids = [[1, 2, 3]]
+    row = {"mode": "autoregressive", "streams": 1, "tokens": 10, "server_busy_s": 1.0,
+           "server_throughput_tps": 10.0, "cost_per_1m_tokens_usd": 2.0, "itl_ms_p50": 50.0,
+           "token_ids": {"0": [4, 5]}}
+    measure(report, "autoregressive", 1, lambda: dict(row), args, ids, samples)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["modes"]["autoregressive"]["1"]["tokens"] == 10
+    assert "token_ids" not in on_disk["modes"]["autoregressive"]["1"]  # figures only
+
+    def boom() -> dict:
+        raise RuntimeError("specedge K=4: 6 of 6 requests failed: 503")
+
+    measure(report, "specedge", 4, boom, args, ids, samples)
+    on_disk = json.loads(out.read_text())
+    failed = on_disk["modes"]["specedge"]["4"]
+    assert failed["failed"] is True and "6 of 6 requests failed" in failed["error"]
+    assert on_disk["modes"]["autoregressive"]["1"]["tokens"] == 10  # still there
+    assert on_disk["ratios"]["specedge_vs_autoregressive"] == {}  # no figures invented

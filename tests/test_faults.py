@@ -121,7 +121,7 @@ def _faults_mid_generation(tmp_path, greedy, faults: list[str]) -> dict:
     try:
         node = node_generate(tmp_path, "node", prompt, n,
                              verifiers=[v.addr for v in verifiers],
-                             extra=["--round-timeout", "5", "-v"])
+                             extra=["--silence-timeout", "5", "-v"])
         try:
             t0 = time.monotonic()
             for fault in faults:

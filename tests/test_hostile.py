@@ -123,7 +123,7 @@ EXPECT: dict[str, tuple[str, float]] = {
     "tree_over_budget": ("error:TREE_TOO_LARGE", 5),
     "tree_over_protocol_max": ("error:TREE_TOO_LARGE", 5),
     "open_flood_one_peer": ("error:OVERLOADED", 10),
-    "open_flood_many_peers": ("error:OVERLOADED", 10),
+    "open_flood_many_peers": ("error:BUSY", 10),  # the host is full: come back later
     "stream_flood_many_peers": ("error:OVERLOADED", 10),
     "slow_loris_in_session": ("error:TIMEOUT", IDLE + 3),
     "trickle_in_session": ("error:TIMEOUT", IDLE + 3),

@@ -140,7 +140,8 @@ def test_postgres_outage_spools_then_flushes(peers, tmp_path):
                 assert sl.pending() == 10
                 # A bad receipt is refused at once, outage or not; it is never spooled.
                 with pytest.raises(ReceiptRejected):
-                    sl.ingest(pairs[20][0][:-1] + b"\x00", pairs[20][1])
+                    bad = pairs[20][0][:-1] + bytes([pairs[20][0][-1] ^ 1])  # always differs
+                    sl.ingest(bad, pairs[20][1])
                 assert sl.pending() == 10
                 first_file = sorted(spool.glob("*.rcpt"))[0]
                 survivor = tmp_path / "copy-of-one-spool-file"

@@ -183,13 +183,17 @@ def test_generate_via_bootstrap_peer_equals_target_only(network, tiny_target):
                 "time_to_first_token_ms", "inter_token_latency_ms", "mean_accepted_length"):
         assert key in s
     assert s["time_to_first_token_ms"] > 0 and s["inter_token_latency_ms"] > 0
-    assert len(out["receipts"]) == s["rounds"]
+    # The first token came with the verifier's prefill: one receipt for it (no drafts),
+    # then one per drafted round.
+    assert s["first_token_from_prefill"] is True
+    assert out["receipts"][0]["drafted"] == 0 and out["receipts"][0]["accepted"] == 0
+    assert len(out["receipts"]) == s["rounds"] + 1
     assert sum(r["accepted"] for r in out["receipts"]) == s["accepted"]
 
     from specedge.ledger import open_ledger
 
     with open_ledger(str(network.dir / "gen.sqlite3")) as ledger:
-        assert ledger.count_receipts() == s["rounds"]
+        assert ledger.count_receipts() == s["rounds"] + 1
         assert ledger.balance(out["node"]).balance == s["accepted"]
 
 
@@ -282,7 +286,7 @@ def test_failover_when_the_verifier_freezes(net, tiny_target):
     prompt, n = "x", 300
     ids, text = greedy(tiny_target, prompt, n)
     args = [BIN / "specedge-node", "generate", "--listen", LOOPBACK, "--prompt", prompt,
-            "--max-new-tokens", str(n), "--round-timeout", "3", "-v", "--json",
+            "--max-new-tokens", str(n), "--silence-timeout", "3", "-v", "--json",
             "--identity", net.dir / "node.key", "--ledger", net.dir / "node.sqlite3"]
     for addr in full:
         args += ["--verifier", addr]

@@ -95,6 +95,59 @@ def test_direct_verifier_and_failover_over_libp2p(tiny_pair, tiny_prompts):
     assert gen.stats.failovers == 1 and set(gen.stats.verifiers) == {first.peer, second.peer}
 
 
+def _pool_generation(draft, prompt, fakes, **pool_kw):
+    """Serve `fakes` directly on libp2p hosts and run one generation through a pool."""
+
+    async def main():
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            addrs = []
+            for fake in fakes:
+                addrs += await start_verifier(nursery, fake, [], stop)
+            try:
+                with trio.fail_after(60):
+                    async with network(create_new_key_pair(), "tiny-test", verifiers=addrs,
+                                       **pool_kw) as pool:
+                        return await generate(draft, prompt, 16, connector=pool,
+                                              model_id="tiny-test", eos_ids=[258])
+            finally:
+                stop.set()
+
+    return trio.run(main)
+
+
+def test_busy_verifier_is_passed_over_then_waited_for(tiny_pair, tiny_prompts):
+    """BUSY is not a failure: the node opens on the next verifier (no failover), or, when
+    the busy one is all there is, comes back after its retry-after and is served."""
+    draft, target, _ = tiny_pair
+    prompt = tiny_prompts[1]
+    want = autoregressive_generate(target, prompt, 16, eos_ids=[258]).token_ids
+    busy, free = FakeVerifier(target, busy_opens=-1), FakeVerifier(target, queue_depth=1)
+    gen = _pool_generation(draft, prompt, [busy, free])
+    assert busy.busy_refusals == 1  # ranked first (shorter queue), asked, refused
+    assert gen.stats.verifiers == [free.peer] and gen.stats.failovers == 0
+    assert gen.token_ids == want
+
+    later = FakeVerifier(target, busy_opens=2, retry_after=0.3)
+    gen = _pool_generation(draft, prompt, [later])
+    assert later.busy_refusals == 2 and gen.stats.verifiers == [later.peer]
+    assert gen.token_ids == want
+
+
+def test_verifiers_busy_past_the_wait_is_a_clear_error(tiny_pair, tiny_prompts):
+    from specedge.node.errors import VerifiersBusy
+
+    draft, target, _ = tiny_pair
+    busy = FakeVerifier(target, busy_opens=-1, retry_after=5.0)
+    with pytest.raises(BaseException) as info:
+        _pool_generation(draft, tiny_prompts[0], [busy], busy_wait=1.0)
+    exc = info.value
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, VerifiersBusy) and exc.retry_after == 5.0
+    assert "busy" in str(exc) and busy.busy_refusals == 1
+
+
 @pytest.mark.parametrize("addr", ["nonsense", "/ip4/127.0.0.1/tcp/4001",
                                   "/ip4/127.0.0.1/tcp/4001/p2p/notapeer"])
 def test_malformed_bootstrap_address(addr):

@@ -10,6 +10,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from node_fakes import FakeConnector, FakeVerifier
 
 from specedge.engine import autoregressive_generate
+from specedge.node.client import Liveness
 from specedge.node.generation import (
     NoVerifierError,
     VocabularyMismatch,
@@ -23,14 +24,14 @@ from specedge.text import eos_ids
 from specedge.trees import TreeShape
 
 
-def run_generation(draft, verifiers, prompt, n, **kw):
+def run_generation(draft, verifiers, prompt, n, liveness=None, **kw):
     identity = create_new_key_pair()
     events = []
     kw.setdefault("eos_ids", [258])  # tiny tokenizer's <|im_end|>, also its config's eos
 
     async def main():
         async with trio.open_nursery() as nursery:
-            conn = FakeConnector(nursery, identity, verifiers)
+            conn = FakeConnector(nursery, identity, verifiers, liveness)
             try:
                 return await generate(draft, prompt, n, connector=conn, model_id="tiny-test",
                                       on_event=lambda k, i: events.append((k, i)), **kw)
@@ -54,16 +55,24 @@ def reference(target, tok, prompt, n, params=None):
 @pytest.mark.parametrize("shape", [TreeShape.chain(4), TreeShape(8, 4, 2)],
                          ids=["chain4", "tree8"])
 @pytest.mark.parametrize("proactive", [True, False], ids=["proactive", "plain"])
-def test_greedy_equals_target_only(tiny_pair, tiny_prompts, shape, proactive):
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_greedy_equals_target_only(tiny_pair, tiny_prompts, shape, proactive, version):
     draft, target, tok = tiny_pair
+    liveness = Liveness(progress=version == "1.1", silence=2.0)
     for prompt in tiny_prompts[:3]:
         gen, events, _ = run_generation(draft, [FakeVerifier(target)], prompt, 40,
-                                        shape=shape, proactive=proactive,
+                                        shape=shape, proactive=proactive, liveness=liveness,
                                         eos_ids=eos_ids(tok, target.generation_config))
         assert gen.token_ids == reference(target, tok, prompt, 40)
         s = gen.stats
         assert s.failovers == 0 and len(s.verifiers) == 1
-        assert s.rounds == len(gen.receipts) and 0 < s.acceptance < 1
+        # 1.1: the first token is the answer to an empty tree (the verifier's prefill),
+        # with its own receipt; the draft model bet on it meanwhile.
+        assert s.first_token_from_prefill == (version == "1.1")
+        plain = 1 if s.first_token_from_prefill else 0
+        assert s.rounds == len(gen.receipts) - plain and 0 < s.acceptance < 1
+        assert [r.drafted for r in gen.receipts[:plain]] == [0] * plain
+        assert (s.first_guess_hit is not None) == (version == "1.1" and proactive)
         assert s.time_to_first_token_ms > 0 and s.inter_token_latency_ms > 0
         if proactive:
             assert s.proactive_bets == s.rounds - 1 or s.proactive_bets == s.rounds
@@ -105,7 +114,7 @@ def test_failover_keeps_the_output(tiny_pair, tiny_prompts, fault):
     first = FakeVerifier(target, **{fault: 3})
     second = FakeVerifier(target)
     gen, events, _ = run_generation(draft, [first, second], prompt, 40,
-                                    round_timeout=0.5)
+                                    liveness=Liveness(progress=True, silence=0.5))
     assert gen.token_ids == reference(target, tok, prompt, 40)
     assert gen.stats.failovers == 1
     assert gen.stats.verifiers == [first.peer, second.peer]

@@ -22,12 +22,14 @@ from specedge.protocol.errors import (
 from specedge.protocol.framing import decode_frames, encode_frame
 from specedge.protocol.ids import (
     ADVERT_PROTOCOL,
+    PROGRESS_SINCE,
     PROTOCOL_VERSION,
     VERIFY_PROTOCOL,
     check_version,
     dht_key,
     negotiate,
     parse_protocol_id,
+    supports,
 )
 
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
@@ -43,7 +45,7 @@ def sample_messages() -> dict[str, object]:
         "open": pb.OpenSession(
             model_id="tiny-test", revision="abc", prompt=[1, 2, 3, 2**32 - 1],
             sampling=pb.Sampling(temperature=1.0, top_p=1.0, top_k=1, seed=7),
-            client_version="1.0.0", max_new_tokens=64,
+            client_version="1.0.0", max_new_tokens=64, progress=True,
         ),
         "opened": pb.SessionOpened(session_id=SID, verifier_peer_id="12D3KooWx",
                                    vocab_size=256, max_tree_tokens=64),
@@ -58,12 +60,19 @@ def sample_messages() -> dict[str, object]:
             model_id="tiny-test", draft_micros=5,
         ),
         "close": pb.CloseSession(session_id=SID, reason="done"),
-        "error": pb.Error(code=pb.BAD_TREE, message="bad", session_id=SID, seq=4),
+        "error": pb.Error(code=pb.BUSY, message="bad", session_id=SID, seq=4,
+                          retry_after_ms=1500),
         "advert": pb.Advertisement(
             model_id="tiny-test", revision="r", max_batch_tokens=4096, free_slots=3,
             queue_depth=1, mean_verify_micros=2500, protocol_version="1.0.0",
-            max_tree_tokens=64, vocab_size=256,
+            max_tree_tokens=64, vocab_size=256, prefill_tokens_per_s=812.5,
+            mean_pass_micros=40_000, sessions_open=2, max_sessions=64,
+            queued_prefill_tokens=300, pass_costs=[pb.PassCost(rows=1, micros=900)],
+            engine="torch/float32",
         ),
+        "progress": pb.Progress(session_id=SID, seq=2, state=pb.Progress.PREFILLING,
+                                queue_position=3, done=64, total=100, eta_ms=2000),
+        "pass_cost": pb.PassCost(rows=8, micros=1200),
         "advert_query": pb.AdvertQuery(model_id="tiny-test"),
     }
 
@@ -95,6 +104,7 @@ def _frames() -> list[pb.Frame]:
         pb.Frame(error=m["error"]),
         pb.Frame(advert=m["advert"]),
         pb.Frame(advert_query=m["advert_query"]),
+        pb.Frame(progress=m["progress"]),
     ]
 
 
@@ -130,15 +140,29 @@ def test_protocol_error_pickles() -> None:
 
     exc = pickle.loads(pickle.dumps(ProtocolError(ErrorCode.TIMEOUT, "slow")))
     assert (exc.code, exc.message) == (ErrorCode.TIMEOUT, "slow")
-    rem = pickle.loads(pickle.dumps(RemoteError(ErrorCode.OVERLOADED, "busy", SID, 3)))
-    assert (rem.code, rem.session_id, rem.seq) == (ErrorCode.OVERLOADED, SID, 3)
+    rem = pickle.loads(pickle.dumps(RemoteError(ErrorCode.BUSY, "busy", SID, 3, 2.5)))
+    assert (rem.code, rem.session_id, rem.seq, rem.retry_after) == (ErrorCode.BUSY, SID, 3, 2.5)
+
+
+def test_busy_errors_carry_their_retry_after_both_ways() -> None:
+    frame = error_frame(ProtocolError(ErrorCode.BUSY, "full", retry_after=2.25))
+    assert frame.error.retry_after_ms == 2250
+    back = from_error(frame.error)
+    assert back.code == ErrorCode.BUSY and back.retry_after == 2.25
+    assert from_error(pb.Error(code=pb.BUSY)).retry_after is None  # unknown: not zero
+    huge = from_error(pb.Error(code=pb.BUSY, retry_after_ms=2**32 - 1))
+    assert huge.retry_after == 3600.0  # bounded: a verifier cannot park a node forever
 
 
 def test_protocol_ids_and_versions() -> None:
     assert VERIFY_PROTOCOL == "/specedge/verify/1.0.0"
     assert ADVERT_PROTOCOL == "/specedge/advert/1.0.0"
     assert parse_protocol_id(VERIFY_PROTOCOL) == ("/specedge/verify", (1, 0, 0))
-    assert check_version(PROTOCOL_VERSION) == (1, 0, 0)
+    assert check_version(PROTOCOL_VERSION) == (1, 1, 0)
+    # Ids carry the major only: a 1.0 node still finds a 1.1 verifier's handler.
+    assert supports("1.1.0", PROGRESS_SINCE) and supports("1.4.2", PROGRESS_SINCE)
+    assert not supports("1.0.0", PROGRESS_SINCE) and not supports("2.1.0", PROGRESS_SINCE)
+    assert not supports("garbage", PROGRESS_SINCE)
     assert check_version("1.7.2") == (1, 7, 2)  # minor versions interoperate
     with pytest.raises(ProtocolError) as e:
         check_version("2.0.0")

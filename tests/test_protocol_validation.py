@@ -320,6 +320,14 @@ def _forged() -> None:
     open_request(env.SerializeToString(), expected_peer=NODE_ID)
 
 
+def _full_verifier() -> None:
+    from specedge.verifier.sessions import SessionTable
+
+    table = SessionTable(max_sessions=1, max_per_peer=1)
+    table.reserve("a")
+    table.reserve("b")  # no slot left: BUSY, with when to ask again
+
+
 def test_every_error_code_has_a_trigger() -> None:
     """The report's table: one input per code (SHUTTING_DOWN is the verifier's state)."""
     from specedge.protocol.envelopes import open_envelope, open_request
@@ -354,6 +362,7 @@ def test_every_error_code_has_a_trigger() -> None:
         E.TIMEOUT: _timeout,
         E.STREAM_CLOSED: _closed,
         E.INTERNAL: lambda: _raise(from_error(error_frame(KeyError("bug")).error)),
+        E.BUSY: _full_verifier,
     }
     assert set(triggers) | {E.SHUTTING_DOWN} == set(ErrorCode)
     for code, trigger in triggers.items():

@@ -131,12 +131,14 @@ def test_session_limits_per_peer_and_per_host(models):
             await b.session(PROMPT, 8)
         except RemoteError as exc:
             codes.append(exc.code.name)
+            assert exc.retry_after is not None and exc.retry_after > 0  # when to come back
         assert len(verifier.table) == 3
         for conn in held:
             await conn.close()
 
     run_with_verifier(models, body, clients=2, max_sessions=3, max_sessions_per_peer=2)
-    assert codes == ["OVERLOADED", "OPENED", "OVERLOADED"]
+    # This peer's share is spent: OVERLOADED (go elsewhere). The host is full: BUSY.
+    assert codes == ["OVERLOADED", "OPENED", "BUSY"]
 
 
 def test_idle_session_times_out_and_is_freed(models):
@@ -215,7 +217,11 @@ def test_advert_reports_live_figures_and_refuses_another_model(models):
         a = (await read_frame(stream, timeout=10)).advert
         assert (a.model_id, a.free_slots, a.queue_depth) == ("tiny-test", 63, 0)
         assert (a.max_batch_tokens, a.max_tree_tokens, a.vocab_size) == (128, 16, 259)
-        assert a.protocol_version == "1.0.0" and a.mean_verify_micros > 0
+        assert a.protocol_version == "1.1.0" and a.mean_verify_micros > 0
+        # Measured speed and load (1.1): what nodes rank by and derive waits from.
+        assert a.prefill_tokens_per_s > 0 and a.mean_pass_micros > 0
+        assert (a.sessions_open, a.max_sessions, a.queued_prefill_tokens) == (1, 64, 0)
+        assert a.engine == "torch/float32"
 
     run_with_verifier(models, body)
 

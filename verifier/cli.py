@@ -13,7 +13,7 @@ log = logging.getLogger("specedge.verifier")
 
 def build_parser() -> argparse.ArgumentParser:
     from specedge.protocol.hosts import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
-    from specedge.protocol.limits import BATCH_WAIT, IDLE_TIMEOUT, MAX_TREE_TOKENS
+    from specedge.protocol.limits import ADMIT_WAIT, BATCH_WAIT, IDLE_TIMEOUT, MAX_TREE_TOKENS
 
     parser = argparse.ArgumentParser(
         prog="specedge-verifier",
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "this many mean passes, so they share one pass instead of taking one "
                    "each (more server throughput, a little latency while sessions fall "
                    "into step); 0 never holds (default: %(default)s)")
+    p.add_argument("--admit-wait", type=float, default=ADMIT_WAIT, metavar="SECONDS",
+                   help="refuse a new session at once with BUSY and a retry-after when its "
+                   "prefill could not start within this many seconds (queued prompt tokens "
+                   "over the measured prefill speed); the node then tries another verifier "
+                   "or comes back (default: %(default)s)")
+    p.add_argument("--test-pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                    help="prompt rows prefilled per pass and session (default: %(default)s)")
     p.add_argument("--max-sessions", type=int, default=64, metavar="N",
@@ -98,6 +104,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("session limits must be positive")
     if not 0 <= args.batch_wait <= 4:
         raise ValueError("--batch-wait must be in [0, 4] (mean passes)")
+    if not args.admit_wait > 0:
+        raise ValueError("--admit-wait must be positive")
 
 
 # glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX).
@@ -149,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "float16": torch.float16}[args.dtype]
     model, _tok = load_model(args.model, dtype, args.device)
     engine = TargetEngine(model, prefill_chunk=min(args.prefill_chunk, args.max_batch_tokens))
+    engine.extra_pass_seconds = args.test_pass_delay
     log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
              args.model, args.dtype, args.device, "reproduce" if engine.exact else
              "may differ in the last bits from")
@@ -162,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_tree_tokens=args.max_tree_tokens,
         batch_wait=args.batch_wait,
+        admit_wait=args.admit_wait,
         max_sessions=args.max_sessions,
         max_sessions_per_peer=args.max_sessions_per_peer,
         idle_timeout=args.idle_timeout,

@@ -333,6 +333,9 @@ class TargetEngine:
         # does, so a session's cache is the same as the one-session forward's.
         self.prefill_chunk = prefill_chunk
         self.passes = 0
+        # Test-only: seconds added to every pass, to play a slow machine (a CPU without
+        # native bf16 takes 30 s for a 100-token prefill) with the tiny model.
+        self.extra_pass_seconds = 0.0
 
     def new_state(self, prompt: Sequence[int], params: SamplingParams) -> TargetState:
         if not prompt:
@@ -385,6 +388,8 @@ class TargetEngine:
         if not jobs:
             return PassResult([], 0.0, 0)
         start = time.perf_counter()
+        if self.extra_pass_seconds:
+            time.sleep(self.extra_pass_seconds)
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         segments: list[_Segment] = []

@@ -7,11 +7,21 @@ per session, every record a length-prefixed ``Frame`` (``protocol.framing``):
 
 1. node -> ``Frame(open=OpenSession)`` within ``HANDSHAKE_TIMEOUT``. The verifier checks it
    (``validate_open_session``: version, model id, revision when both name one, prompt,
-   sampling, context), takes a session slot (OVERLOADED when the host or this peer has
-   none left), prefills ``prompt[:-1]`` (chunked, between other sessions' rounds) and
-   answers ``Frame(opened=SessionOpened)`` with a fresh 16-byte session id, its peer id,
-   the vocabulary size and the largest tree it accepts. Any refusal is
-   ``Frame(error=Error)`` and the stream is closed.
+   sampling, context) and admits it: BUSY with a retry-after when no session slot is
+   free or when its prefill could not start within ``--admit-wait`` (queued prompt rows
+   over the measured prefill speed); OVERLOADED when this peer holds its share. Then,
+   for a 1.1 node (``OpenSession.progress``), it answers ``Frame(opened=SessionOpened)``
+   at once (a fresh 16-byte session id, its peer id, the vocabulary size and the largest
+   tree it accepts) and prefills ``prompt[:-1]`` (chunked, between other sessions'
+   rounds) while the node drafts; the node's first request may arrive before the prefill
+   is done and then waits for it. A 1.0 node gets SessionOpened after the prefill. Any
+   refusal is ``Frame(error=Error)`` and the stream is closed.
+   Liveness (1.1): while the node waits for an answer (its request queued, prefilling
+   or in a pass) the verifier sends ``Frame(progress=Progress)`` at least every
+   ``HEARTBEAT_INTERVAL`` (state, queue position, tokens prefilled, an estimate from
+   measured speed), at once when the prefill is still under way. A node's first request
+   can be an empty tree: its answer is the target's first token after the prompt (one
+   prefill and one step, as in plain decoding), with a receipt.
 2. Rounds, at most one request outstanding: node -> ``Frame(verify=Envelope)`` holding a
    ``VerifyRequest`` signed by the node (domain "specedge-verify-request"); verifier ->
    ``Frame(result=VerifyResult)`` (accepted node indices root to leaf, the bonus token,
@@ -57,7 +67,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -72,13 +82,17 @@ from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.identity import peer_id_of
 from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, VERIFY_PROTOCOL, dht_key
 from specedge.protocol.limits import (
+    ADMIT_WAIT,
     ADVERT_TIMEOUT,
     BATCH_WAIT,
     FRAME_LIMITS,
     HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL,
     IDLE_TIMEOUT,
+    MAX_ETA_MS,
     MAX_FREE_SLOTS,
     MAX_QUEUE_DEPTH,
+    MAX_SESSIONS,
     MAX_VERIFY_MICROS,
 )
 from specedge.protocol.validation import (
@@ -92,12 +106,14 @@ from specedge.sampling import SamplingParams
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.metrics import VerifierMetrics
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
-from specedge.verifier.scheduler import Scheduler
+from specedge.verifier.scheduler import Outcome, Scheduler
 from specedge.verifier.sessions import Session, SessionTable, new_session_id
 
 log = logging.getLogger("specedge.verifier")
 
 CLOSE_TIMEOUT = 2.0  # seconds to close a stream politely before giving up on it
+_PROGRESS_STATES = {"queued": pb.Progress.QUEUED, "prefilling": pb.Progress.PREFILLING,
+                    "verifying": pb.Progress.VERIFYING}
 
 
 @dataclass
@@ -111,6 +127,7 @@ class VerifierConfig:
     max_batch_tokens: int = 1024
     max_tree_tokens: int = 64
     batch_wait: float = BATCH_WAIT  # hold for due sessions, in mean passes
+    admit_wait: float = ADMIT_WAIT  # BUSY when a new session's prefill could not start sooner
     max_sessions: int = 64
     max_sessions_per_peer: int = 16
     idle_timeout: float = IDLE_TIMEOUT
@@ -137,6 +154,7 @@ class Verifier:
         self.scheduler = Scheduler(engine, config.max_batch_tokens, self.metrics,
                                    batch_wait=config.batch_wait)
         self.writer = ReceiptWriter(ledger, self.metrics)
+        self.engine_name = f"torch/{str(engine.dtype).removeprefix('torch.')}"
         self.addrs: list[str] = []
         self.stopping = False
         self._handlers = 0
@@ -269,7 +287,7 @@ class Verifier:
         session = Session(
             new_session_id(), peer,
             self.engine.new_state(list(msg.prompt), _sampling(msg.sampling)),
-            msg.max_new_tokens,
+            msg.max_new_tokens, progress=msg.progress,
         )
         self.table.add(session)
         self.metrics.sessions_opened.inc()
@@ -298,9 +316,9 @@ class Verifier:
                 msg, vocab_size=self.config.vocab_size, model_id=self.config.model_id,
                 revision=self.config.revision or None,
                 max_context_tokens=self.config.max_context_tokens,
-                free_slots=self.table.free_slots,
             )
             _sampling(msg.sampling)
+            self._admit()
             self.table.reserve(peer)
         except ProtocolError as exc:
             if exc.code != ErrorCode.STREAM_CLOSED:
@@ -308,18 +326,61 @@ class Verifier:
             return None
         return msg
 
+    def _admit(self) -> None:
+        """BUSY, at once, when a new session's prefill could not start within
+        `admit_wait` seconds (queued prompt rows over the measured prefill speed):
+        accepting it would only stall it, and the node can go elsewhere or come back."""
+        wait = self.scheduler.admission_wait()
+        if wait > self.config.admit_wait:
+            self.metrics.admissions_refused.inc()
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"{self.scheduler.queued_prefill_rows()} prompt tokens are queued ahead "
+                f"(about {wait:.0f} s at {self.scheduler.prefill_rows_per_s:.0f} tokens/s); "
+                f"this verifier admits sessions that can start within "
+                f"{self.config.admit_wait:g} s",
+                retry_after=wait - self.config.admit_wait + 1.0)
+
     async def _run_session(self, stream: INetStream, session: Session) -> str:
-        """Prefill, answer SessionOpened, then rounds; return why the session ended."""
+        """Prefill and SessionOpened (in the order the node's version expects), then
+        rounds; return why the session ended."""
+        if not session.progress:  # 1.0 nodes: SessionOpened means "prefilled"
+            await self._prefill(session)
+            if session.prefill_error is not None:
+                await self._send_error(stream, session.prefill_error)
+                return session.prefill_error.code.name.lower()
+            if not await self._write(stream, session, self._opened(session)):
+                return "stream_closed"
+            return await self._rounds(stream, session)
+        if not await self._write(stream, session, self._opened(session)):
+            return "stream_closed"
+        async with trio.open_nursery() as nursery:
+            # The prompt goes through the model while the node drafts; its first
+            # request waits for it (`_round`).
+            nursery.start_soon(self._prefill, session)
+            reason = await self._rounds(stream, session)
+            nursery.cancel_scope.cancel()
+        return reason
+
+    def _opened(self, session: Session) -> pb.Frame:
+        return pb.Frame(opened=pb.SessionOpened(
+            session_id=session.id, verifier_peer_id=self.peer_id,
+            vocab_size=self.config.vocab_size, max_tree_tokens=self.config.max_tree_tokens,
+        ))
+
+    async def _prefill(self, session: Session) -> None:
+        """Prefill the session's prompt; record a failure for its first request."""
         try:
             await self.scheduler.prefill(session)
-            self._gauges()
-            await write_frame(stream, pb.Frame(opened=pb.SessionOpened(
-                session_id=session.id, verifier_peer_id=self.peer_id,
-                vocab_size=self.config.vocab_size, max_tree_tokens=self.config.max_tree_tokens,
-            )))
         except ProtocolError as exc:
-            await self._send_error(stream, exc)
-            return exc.code.name.lower()
+            session.prefill_error = exc
+        finally:
+            session.ready.set()
+            self._gauges()
+
+    async def _rounds(self, stream: INetStream, session: Session) -> str:
+        """Answer requests until the node closes, goes idle, breaks the stream or the
+        verifier shuts down; return why."""
         while True:
             if self.stopping:
                 if await self._send_error(stream, ProtocolError(
@@ -351,6 +412,8 @@ class Verifier:
                 continue
             if not await self._round(stream, session, frame):
                 return "stream_closed"
+            if session.prefill_error is not None:
+                return session.prefill_error.code.name.lower()
 
     async def _linger(self, stream: INetStream) -> None:
         """Keep the stream open until the node has read our last frame and closed it.
@@ -388,7 +451,8 @@ class Verifier:
                 req, self.config.vocab_size, self.config.max_tree_tokens, session.last_seq,
                 session_id=session.id, tokens_left=session.tokens_left,
             )
-            outcome = await self.scheduler.verify(session, list(req.tokens), list(req.parents))
+            outcome = await self._with_heartbeat(
+                stream, session, seq, self._verify(session, list(req.tokens), list(req.parents)))
         except ProtocolError as exc:
             return await self._send_error(stream, exc, session.id, seq)
         verdict = outcome.verdict
@@ -407,11 +471,72 @@ class Verifier:
         self._gauges()
         result = pb.VerifyResult(session_id=session.id, seq=req.seq, accepted=verdict.accepted,
                                  bonus_token=verdict.bonus, receipt=receipt)
-        try:
-            await write_frame(stream, pb.Frame(result=result))
-        except ProtocolError:
+        if not await self._write(stream, session, pb.Frame(result=result)):
             return False
         self.metrics.verify_latency.observe(trio.current_time() - received)
+        return True
+
+    async def _verify(self, session: Session, tokens: list[int], parents: list[int]) -> Outcome:
+        """A request's verdict, once the session's prefill is done (a 1.1 node may send
+        its first request while the prompt is still going through the model)."""
+        await session.ready.wait()
+        if session.prefill_error is not None:
+            raise session.prefill_error
+        return await self.scheduler.verify(session, tokens, parents)
+
+    async def _with_heartbeat(self, stream: INetStream, session: Session, seq: int,
+                              work: Awaitable[Outcome]) -> Outcome:
+        """Await `work`, telling a 1.1 node every HEARTBEAT_INTERVAL that it is under way.
+
+        This is what lets a node tell a busy verifier from a dead one without a deadline
+        on queued work (see protocol.limits). A heartbeat that cannot be written (the
+        node is gone) is dropped; the stream's reader notices the rest.
+        """
+        if not session.progress:
+            return await work
+        result: list[Outcome] = []
+        failure: list[ProtocolError] = []
+
+        async def run() -> None:
+            try:
+                result.append(await work)
+            except ProtocolError as exc:
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            if not session.ready.is_set():  # say at once where the prefill stands
+                await self._write(stream, session, self._progress(session, seq))
+            while True:
+                await trio.sleep(HEARTBEAT_INTERVAL)
+                await self._write(stream, session, self._progress(session, seq))
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def _progress(self, session: Session, seq: int) -> pb.Frame:
+        state = session.state
+        status = self.scheduler.status(session)
+        if not session.ready.is_set():  # still prefilling: that is what the node waits for
+            kind = "prefilling" if status.state == "prefilling" else "queued"
+        else:
+            kind = status.state if status.state != "idle" else "verifying"
+        return pb.Frame(progress=pb.Progress(
+            session_id=session.id, seq=seq, state=_PROGRESS_STATES[kind],
+            queue_position=min(status.position, MAX_QUEUE_DEPTH),
+            done=min(state.cached, state.prefix_len), total=state.prefix_len,
+            eta_ms=min(int(status.eta_s * 1000), MAX_ETA_MS)))
+
+    async def _write(self, stream: INetStream, session: Session, frame: pb.Frame) -> bool:
+        """Write one frame of a session (never interleaved, never cut in half by a
+        cancellation); False when the stream is broken."""
+        with trio.CancelScope(shield=True):
+            async with session.write_lock:
+                try:
+                    await write_frame(stream, frame)
+                except ProtocolError:
+                    return False
         return True
 
     async def _send_error(self, stream: INetStream, exc: ProtocolError,
@@ -419,6 +544,9 @@ class Verifier:
         """Send an Error frame; False when the stream is already broken."""
         self.metrics.errors.labels(code=exc.code.name).inc()
         log.debug("error to peer: %s", exc)
+        session = self.table.sessions.get(session_id) if session_id else None
+        if session is not None:
+            return await self._write(stream, session, error_frame(exc, session_id, seq))
         try:
             await write_frame(stream, error_frame(exc, session_id, seq))
         except ProtocolError:
@@ -441,6 +569,12 @@ class Verifier:
             protocol_version=PROTOCOL_VERSION,
             max_tree_tokens=self.config.max_tree_tokens,
             vocab_size=self.config.vocab_size,
+            prefill_tokens_per_s=self.scheduler.prefill_rows_per_s,
+            mean_pass_micros=min(int(self.scheduler.mean_pass_seconds * 1e6), MAX_VERIFY_MICROS),
+            sessions_open=min(len(self.table), MAX_SESSIONS),
+            max_sessions=min(self.config.max_sessions, MAX_SESSIONS),
+            queued_prefill_tokens=min(self.scheduler.queued_prefill_rows(), MAX_QUEUE_DEPTH),
+            engine=self.engine_name,
         )
 
     async def _advert_handler(self, stream: INetStream) -> None:

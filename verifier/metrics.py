@@ -47,6 +47,8 @@ class VerifierMetrics:
         self.committed_tokens = Counter(p + "committed_tokens",
                                         "Tokens committed to sessions (accepted + bonus)",
                                         registry=r)
+        self.plain_steps = Counter(p + "plain_steps", "Requests with an empty tree: one "
+                                   "target step (e.g. a session's first token)", registry=r)
         self.prefill_tokens = Counter(p + "prefill_tokens", "Prompt tokens prefilled",
                                       registry=r)
         self.batch_size = Histogram(p + "batch_size", "Verify requests per forward pass",
@@ -67,6 +69,9 @@ class VerifierMetrics:
                                         "Verify request received to result sent",
                                         buckets=_SECONDS_BUCKETS, registry=r)
         self.errors = Counter(p + "errors", "Error frames sent, by code", ["code"], registry=r)
+        self.admissions_refused = Counter(
+            p + "admissions_refused", "Sessions refused BUSY because their prefill could not "
+            "start within --admit-wait", registry=r)
         self.receipts = Counter(p + "receipts", "Receipts handed to the ledger, by outcome",
                                 ["status"], registry=r)
 
@@ -79,10 +84,15 @@ class VerifierMetrics:
         self.busy_seconds.inc(seconds)
 
     def record_verdict(self, drafted: int, accepted: Sequence[int]) -> None:
+        """Count a verdict; an empty tree (a plain target step, such as a session's first
+        token) commits a token but is no draft, so vLLM's draft counters skip it."""
+        self.committed_tokens.inc(len(accepted) + 1)
+        if not drafted:
+            self.plain_steps.inc()
+            return
         self.num_drafts.inc()
         self.num_draft_tokens.inc(drafted)
         self.num_accepted_tokens.inc(len(accepted))
-        self.committed_tokens.inc(len(accepted) + 1)
         for pos in range(min(len(accepted), MAX_POSITIONS)):
             self.num_accepted_per_pos.labels(position=str(pos)).inc()
 

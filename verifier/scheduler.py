@@ -24,15 +24,23 @@ a queue that already holds more requests than are due. `sims/` models the same r
 with 4 to 32 edges per verifier it raises tokens per busy second by 13 to 59%, for 0.4
 to 9% more inter-token latency (`--batch-wait 0` for latency above all).
 
-Fairness: the queue is FIFO. A pass takes jobs in queue order and skips (leaves in
-place) any that does not fit the remaining budget, so a large job is never overtaken
-forever: once it is at the head it goes first, and every job fits an empty pass. Each
-session has at most one job queued.
+Queue order: two FIFO queues, verify requests and sessions waiting for their prefill.
+A pass first serves whichever head has waited longer, then fills the rest of its token
+budget from the other queue, so neither kind starves the other. Verify requests are
+taken in arrival order, skipping (leaving in place) any that does not fit the budget;
+every one fits an empty pass, so a large one waits at most until it is the oldest.
+Prefill is chunked (`TargetEngine.prefill_chunk` rows, aligned) and first come, first
+served: a pass carries at most one chunk's worth of prompt rows, from the session that
+asked first (then the next ones, if their whole chunk still fits), and a session keeps
+its place until its prompt is done. So sessions opened together finish their prefill
+one after another, the first one after its own prompt's worth of passes, instead of
+all of them late together (which is what re-queueing each at the tail after every
+chunk did), while running sessions' verifications are delayed by at most one chunk per
+pass. Each session has at most one job queued.
 
-Prefill is chunked (`TargetEngine.prefill_chunk` rows, aligned) and interleaved: a new
-session re-queues at the tail after each chunk, and a pass carries at most one chunk's
-worth of prompt rows besides the job at the head, so running sessions' verifications
-are delayed by at most one chunk per pass, never by a whole long prompt.
+Speed is measured, never assumed: the rows per second of prefill (each pass's time
+split by rows) and the mean pass time give the estimates the verifier sends in Progress
+frames, uses to refuse sessions it could not start soon (admission), and advertises.
 
 Model compute runs in one worker thread at a time (`trio.to_thread.run_sync`), so the
 event loop keeps serving streams during a pass.
@@ -41,6 +49,7 @@ event loop keeps serving streams during a pass.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -69,6 +78,7 @@ class Outcome:
 class _Work:
     session: Session
     verify: VerifyJob | None  # None: prefill the session
+    since: float = 0.0  # when it (re)joined its queue: the fairness clock
     done: trio.Event = field(default_factory=trio.Event)
     outcome: Outcome | None = None
     error: ProtocolError | None = None
@@ -83,6 +93,15 @@ class _Work:
     def finish(self, error: ProtocolError | None = None) -> None:
         self.error = error
         self.done.set()
+
+
+@dataclass
+class Status:
+    """Where a session's work stands, for its Progress frames."""
+
+    state: str  # "queued", "prefilling", "verifying" or "idle"
+    position: int  # jobs ahead of it
+    eta_s: float  # estimated seconds until it is done
 
 
 @dataclass
@@ -119,11 +138,14 @@ class Scheduler:
         self.metrics = metrics
         self.batch_wait = batch_wait  # in mean passes; 0: never hold a pass
         self.mean_pass_seconds = 0.0  # moving average of verify passes' time
+        self.prefill_rows_per_s = 0.0  # measured prefill speed (0 until the first chunk)
         self._rhythms: dict[bytes, _Rhythm] = {}  # session id -> rhythm
-        self._queue: deque[_Work] = deque()
+        self._verifies: deque[_Work] = deque()
+        self._prefills: deque[_Work] = deque()
+        self._running: list[_Work] = []
+        self._pass_started = 0.0
         self._wakeup = trio.Event()
         self._closing = False
-        self.running = 0  # jobs in the current pass
         # Mean seconds from submit to result, per verify request (exponential average);
         # the Advertisement's "mean verify time".
         self.mean_verify_seconds = 0.0
@@ -131,7 +153,12 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._verifies) + len(self._prefills)
+
+    @property
+    def running(self) -> int:
+        """Jobs in the pass under way."""
+        return len(self._running)
 
     # -- submitting ---------------------------------------------------------------
 
@@ -163,13 +190,57 @@ class Scheduler:
     async def _submit(self, work: _Work) -> _Work:
         if self._closing:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the verifier is shutting down")
-        self._queue.append(work)
+        work.since = trio.current_time()
+        (self._prefills if work.verify is None else self._verifies).append(work)
         self._wakeup.set()
         self._gauge()
         await work.done.wait()
         if work.error is not None:
             raise work.error
         return work
+
+    # -- estimates ----------------------------------------------------------------
+
+    def queued_prefill_rows(self) -> int:
+        """Prompt rows waiting to be prefilled, in all."""
+        return sum(w.session.state.prefix_len - w.session.state.cached
+                   for w in (*self._prefills, *self._running) if w.verify is None)
+
+    def admission_wait(self) -> float:
+        """Seconds before a session opened now would start its prefill (0: unknown)."""
+        if not self.prefill_rows_per_s:
+            return 0.0
+        return self.queued_prefill_rows() / self.prefill_rows_per_s
+
+    def status(self, session: Session) -> Status:
+        """Where `session`'s queued or running work stands, with an estimate."""
+        now = trio.current_time()
+        left = max(self._pass_started + self.mean_pass_seconds - now, 0.0) if self._running \
+            else 0.0
+        for w in self._running:
+            if w.session is session:
+                return Status("verifying" if w.verify else "prefilling", 0,
+                              left + self._prefill_eta(w, 0))
+        for queue in (self._prefills, self._verifies):
+            for position, w in enumerate(queue):
+                if w.session is session:
+                    ahead = self._rows_ahead(queue, position) if w.verify is None else 0
+                    passes = 1 + (position if w.verify is None else 0)
+                    eta = left + (self._prefill_eta(w, ahead) if w.verify is None
+                                  else passes * self.mean_pass_seconds)
+                    return Status("queued", position + len(self._running), eta)
+        return Status("idle", 0, 0.0)
+
+    def _rows_ahead(self, queue: deque[_Work], position: int) -> int:
+        return sum(queue[i].session.state.prefix_len - queue[i].session.state.cached
+                   for i in range(position))
+
+    def _prefill_eta(self, work: _Work, rows_ahead: int) -> float:
+        if work.verify is not None:
+            return self.mean_pass_seconds
+        own = work.session.state.prefix_len - work.session.state.cached
+        rate = self.prefill_rows_per_s
+        return (rows_ahead + own) / rate if rate else 0.0
 
     # -- the loop -----------------------------------------------------------------
 
@@ -178,7 +249,7 @@ class Scheduler:
         task_status.started()
         limiter = trio.CapacityLimiter(1)  # one engine thread at a time
         while True:
-            if self._queue and not self._closing:
+            if self.queue_depth and not self._closing:
                 await self._gather()
             batch = self._take()
             if not batch:
@@ -188,7 +259,7 @@ class Scheduler:
                 await self._wakeup.wait()
                 continue
             jobs = [w.verify or self._chunk(w) for w in batch]
-            self.running = len(batch)
+            self._running, self._pass_started = batch, trio.current_time()
             self._gauge()
             try:
                 result = await trio.to_thread.run_sync(self.engine.run, jobs, limiter=limiter)
@@ -199,7 +270,7 @@ class Scheduler:
                                            f"{type(exc).__name__}"))
                 continue
             finally:
-                self.running = 0
+                self._running = []
             self.passes += 1
             self._deliver(batch, jobs, result)
 
@@ -210,7 +281,7 @@ class Scheduler:
         start = trio.current_time()
         deadline = start + hold
         due = self._due_by(deadline) if hold > 0 else []
-        if not due or len(due) < sum(1 for w in self._queue if w.verify is not None):
+        if not due or len(due) < len(self._verifies):
             return  # nothing due, or more waiting than due: this pass is worth running now
         while due:
             self._wakeup = trio.Event()
@@ -228,7 +299,7 @@ class Scheduler:
     def _due_by(self, deadline: float) -> list[float]:
         """Due times (<= deadline) of sessions that owe a request and are not stale."""
         now = trio.current_time()
-        queued = {w.session.id for w in self._queue}
+        queued = {w.session.id for w in (*self._verifies, *self._prefills)}
         due = []
         for sid, r in list(self._rhythms.items()):
             if not r.owed or r.think is None or sid in queued:
@@ -250,30 +321,53 @@ class Scheduler:
         return chunk
 
     def _take(self) -> list[_Work]:
-        """Jobs for the next pass, FIFO, within the token budget (see module docstring)."""
-        budget = self.max_batch_tokens
-        prefill_budget = self.engine.prefill_chunk
+        """Jobs for the next pass within the token budget (see the module docstring)."""
+        self._drop_closed()
         taken: list[_Work] = []
-        kept: deque[_Work] = deque()
-        while self._queue:
-            work = self._queue.popleft()
-            if work.session.closed:
-                work.finish(ProtocolError(ErrorCode.STREAM_CLOSED, "session closed"))
-                continue
+        budget = self.max_batch_tokens
+        heads = [q for q in (self._prefills, self._verifies) if q]
+        heads.sort(key=lambda q: q[0].since)  # the longer-waiting kind goes first
+        for queue in heads:
+            if queue is self._prefills:
+                budget = self._take_prefills(taken, budget)
+            else:
+                budget = self._take_verifies(taken, budget)
+        return taken
+
+    def _drop_closed(self) -> None:
+        for queue in (self._prefills, self._verifies):
+            for w in [w for w in queue if w.session.closed]:
+                queue.remove(w)
+                w.finish(ProtocolError(ErrorCode.STREAM_CLOSED, "session closed"))
+
+    def _take_prefills(self, taken: list[_Work], budget: int) -> int:
+        """Whole aligned chunks, first come first served, at most one chunk's rows."""
+        room = min(budget, self.engine.prefill_chunk)
+        while self._prefills:
+            work = self._prefills[0]
             size = work.size(self.engine)
             if size == 0:  # a prefill that has nothing left to do
-                work.finish()
+                self._prefills.popleft().finish()
                 continue
-            prefill_ok = work.verify is not None or not taken or size <= prefill_budget
-            if size <= budget and prefill_ok:
+            if size > room:
+                break  # later sessions never overtake the first one
+            taken.append(self._prefills.popleft())
+            room -= size
+            budget -= size
+        return budget
+
+    def _take_verifies(self, taken: list[_Work], budget: int) -> int:
+        kept: deque[_Work] = deque()
+        while self._verifies:
+            work = self._verifies.popleft()
+            size = work.size(self.engine)
+            if size <= budget:
                 taken.append(work)
                 budget -= size
-                if work.verify is None:
-                    prefill_budget -= size
             else:
                 kept.append(work)
-        self._queue = kept
-        return taken
+        self._verifies = kept
+        return budget
 
     def _deliver(self, batch: list[_Work], jobs: list, result: PassResult) -> None:
         requests = sum(1 for w in batch if w.verify is not None)
@@ -282,6 +376,7 @@ class Scheduler:
         if requests:
             self.mean_pass_seconds = _average(self.mean_pass_seconds or None, result.seconds)
         now = trio.current_time()
+        unfinished: list[_Work] = []
         for work, job, verdict in zip(batch, jobs, result.verdicts, strict=True):
             work.seconds += result.share(job)
             if work.verify is not None:
@@ -294,13 +389,22 @@ class Scheduler:
                     rhythm = self._rhythms.setdefault(work.session.id, _Rhythm(now))
                     rhythm.answered_at, rhythm.owed = now, True
             else:
-                if self.metrics is not None:
-                    self.metrics.prefill_tokens.inc(job.size)
+                self._measure_prefill(job.size, result.share(job))
                 if work.session.state.prefilled:
                     work.finish()
                 else:
-                    self._queue.append(work)  # next chunk, behind what arrived meanwhile
+                    work.since = now
+                    unfinished.append(work)
+        # Sessions still prefilling keep their place at the head, in their order.
+        self._prefills.extendleft(reversed(unfinished))
         self._gauge()
+
+    def _measure_prefill(self, rows: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.prefill_tokens.inc(rows)
+        if rows and seconds > 0 and math.isfinite(seconds):
+            self.prefill_rows_per_s = _average(self.prefill_rows_per_s or None,
+                                               rows / seconds)
 
     def close(self) -> None:
         """Refuse new jobs; `run` returns once the queued ones are done."""
@@ -309,11 +413,11 @@ class Scheduler:
 
     def fail_queued(self, error: ProtocolError) -> None:
         """Answer every job not yet in a pass with `error` (shutdown past its deadline)."""
-        while self._queue:
-            self._queue.popleft().finish(error)
+        for queue in (self._prefills, self._verifies):
+            while queue:
+                queue.popleft().finish(error)
         self._gauge()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._queue))
-
+            self.metrics.queue_depth.set(self.queue_depth)

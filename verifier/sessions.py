@@ -13,6 +13,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import trio
+
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.limits import SESSION_ID_BYTES
 from specedge.verifier.engine import TargetState
@@ -28,6 +30,11 @@ class Session:
     last_seq: int = 0  # last answered request's seq (0 before the first)
     opened_at: float = field(default_factory=time.monotonic)
     closed: bool = False  # set when the handler ends; the scheduler drops its queued work
+    progress: bool = False  # the node reads Progress frames (protocol 1.1)
+    ready: trio.Event = field(default_factory=trio.Event)  # prefill finished (or failed)
+    prefill_error: ProtocolError | None = None
+    # Frames from the session's rounds and its heartbeats must not interleave.
+    write_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def tokens_left(self) -> int:
@@ -47,6 +54,7 @@ class SessionTable:
         self.max_per_peer = max_per_peer
         self.sessions: dict[bytes, Session] = {}
         self._reserved: dict[str, int] = {}  # peer -> slots held (open + opening)
+        self.mean_lifetime: float | None = None  # seconds, moving average of ended sessions
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -56,11 +64,13 @@ class SessionTable:
         return max(self.max_sessions - sum(self._reserved.values()), 0)
 
     def reserve(self, peer: str) -> None:
-        """Hold a slot for a session `peer` is opening (OVERLOADED when none is left)."""
+        """Hold a slot for a session `peer` is opening: BUSY (with a retry-after) when the
+        host is full, OVERLOADED when this peer holds its share."""
         if self.free_slots <= 0:
-            raise ProtocolError(ErrorCode.OVERLOADED,
-                                f"all {self.max_sessions} session slots are taken; "
-                                "try another verifier")
+            raise ProtocolError(ErrorCode.BUSY,
+                                f"all {self.max_sessions} session slots are taken; try "
+                                "another verifier or ask again later",
+                                retry_after=self.slot_wait())
         if self._reserved.get(peer, 0) >= self.max_per_peer:
             raise ProtocolError(ErrorCode.OVERLOADED,
                                 f"this peer already holds {self.max_per_peer} sessions here")
@@ -80,7 +90,17 @@ class SessionTable:
     def remove(self, session: Session) -> None:
         """Forget a session: its KV cache is freed with the last reference to it."""
         session.closed = True
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            life = time.monotonic() - session.opened_at
+            old = self.mean_lifetime
+            self.mean_lifetime = life if old is None else old + 0.2 * (life - old)
+
+    def slot_wait(self) -> float:
+        """Expected seconds until a session slot frees: with n sessions that each live
+        L seconds on average, one ends about every L / n seconds (1 s .. 5 min)."""
+        if self.mean_lifetime is None:
+            return 5.0
+        return min(max(self.mean_lifetime / max(len(self.sessions), 1), 1.0), 300.0)
 
     def kv_bytes(self) -> int:
         return sum(s.state.kv_bytes() for s in self.sessions.values())
