@@ -98,11 +98,15 @@ def run_server_mode(mode: str, k: int, args: argparse.Namespace, prompts_file: P
 # -- SpecEdge: real verifier and node processes -------------------------------------------
 
 class Network:
-    """A verifier process and a node process on loopback, stopped on exit."""
+    """A verifier process and a node process on loopback, stopped on exit.
 
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    Prefix reuse is off unless `reuse`: the main bench measures speculative decoding,
+    and its K runs repeat the same prompts (the multi-turn bench measures reuse)."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, reuse: bool = False) -> None:
         self.args = args
         self.workdir = workdir
+        self.reuse = reuse
         self.procs = Processes(workdir)
         self.ledger_url = f"sqlite:///{workdir / 'verifier-ledger.sqlite3'}"
         self.metrics_port = free_port()
@@ -116,7 +120,7 @@ class Network:
             "--device", a.device, "--listen", "/ip4/127.0.0.1/tcp/0",
             "--announce-file", str(announce), "--identity", str(self.workdir / "verifier.key"),
             "--ledger", self.ledger_url, "--metrics-port", str(self.metrics_port),
-            "--batch-wait", str(a.batch_wait),
+            "--batch-wait", str(a.batch_wait), *([] if self.reuse else ["--no-prefix-cache"]),
         ], pinned(a.server_cores), thread_env(a.server_cores))
         addr = self.procs.wait_file(announce, v, a.timeout).splitlines()[0]
         node_announce = self.workdir / "node.addrs"
@@ -127,6 +131,8 @@ class Network:
             "--identity", str(self.workdir / "node.key"),
             "--ledger", str(self.workdir / "node-ledger.sqlite3"),
             "--tree", f"chain:{a.chain}", "--announce-file", str(node_announce),
+            "--kv-disk-dir", str(self.workdir / "draft-kv"),
+            *([] if self.reuse else ["--no-prefix-cache"]),
         ]
         if a.no_proactive:
             node_args.append("--no-proactive")
@@ -459,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the verifier's hold for due sessions (specedge-verifier "
                     "--batch-wait; 0 never holds; default %(default)s)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-run limit in seconds")
+    ap.add_argument("--multi-turn", action="store_true",
+                    help="instead: conversations of 5 turns with a shared system prompt, "
+                    "with and without prefix KV reuse (bench/multiturn.py)")
+    ap.add_argument("--conversations", type=int, default=4,
+                    help="--multi-turn: conversations side by side (default: %(default)s)")
     return ap
 
 
@@ -482,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     half = max(len(cores) // 2, 1)
     args.server_cores = args.server_cores or cores[:half]
     args.node_cores = args.node_cores or (cores[half:] or cores[:1])
+    if args.multi_turn:
+        return multi_turn(args)
     ks = [int(x) for x in (args.streams or ("1,4" if args.quick else "1,2,4,8")).split(",")]
     modes_wanted = [m for m in args.modes.split(",") if m]
     prices = Prices()
@@ -520,6 +533,23 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"failed: {', '.join(failed)} (errors in the report)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def multi_turn(args: argparse.Namespace) -> int:
+    """`--multi-turn`: see bench/multiturn.py. Writes --json, prints the table."""
+    from bench.multiturn import print_report, run_multiturn
+
+    if args.max_new_tokens == build_parser().get_default("max_new_tokens"):
+        args.max_new_tokens = 64  # the issue's setting: up to 64 tokens per turn
+    with tempfile.TemporaryDirectory(prefix="specedge-bench-") as tmp:
+        report = run_multiturn(args, Network, Path(tmp))
+    report["machine"] = machine()
+    report["config"] = {"draft_model": args.draft_model, "target_model": args.target_model,
+                        "dtype": args.dtype, "tree": f"chain:{args.chain}"}
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
 
 
 def server_row(mode: str, k: int, args: argparse.Namespace, prompts_file: Path, prices: Prices,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge import kvcache
+from specedge.kvblocks import store_for
 from specedge.models import load_model
 from specedge.sampling import SamplingParams
 from specedge.text import eos_ids
@@ -74,6 +75,10 @@ def _take(req: Request, new: Sequence[int], now: float, limit: int, stop: set[in
 def _assign(streams: list[Stream], queue: deque[tuple[int, list[int]]], target: TargetEngine,
             draft: TargetEngine | None) -> None:
     for s in streams:
+        if s.request is not None and s.request.done:  # its caches go back to the engines
+            target.release(s.target)
+            if draft is not None and s.draft is not None:
+                draft.release(s.draft)
         if (s.request is None or s.request.done) and queue:
             index, prompt = queue.popleft()
             s.request = Request(index, prompt, time.perf_counter())
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     prompts = json.load(open(args.prompts))
     target_model, tok = load_model(args.target_model, dtype, args.device)
-    target = TargetEngine(target_model)
+    # Today's engine for the baselines: no prefix reuse (as for SpecEdge in the main bench).
+    target = TargetEngine(target_model, store=store_for(target_model, enabled=False))
     stop = set(eos_ids(tok, target_model.generation_config))
     finished: list[Request] = []
     totals = Totals()
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         autoregressive(target, prompts, args.streams, args.max_new_tokens, stop, finished, totals)
     else:
         draft_model, _ = load_model(args.draft_model, dtype, args.device)
-        draft = TargetEngine(draft_model)
+        draft = TargetEngine(draft_model, store=store_for(draft_model, enabled=False))
         server_only(target, draft, prompts, args.streams, args.max_new_tokens, args.chain, stop,
                     finished, totals)
     wall = time.perf_counter() - start

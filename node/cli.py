@@ -72,6 +72,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="draft weights dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for the draft model")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="GB",
+                   help="RAM for the draft model's KV of past conversations, so a follow-up "
+                   "turn drafts without prefilling again (default: %(default)s)")
+    p.add_argument("--kv-disk-gb", type=float, default=2.0, metavar="GB",
+                   help="disk space for that KV once evicted from RAM, used when reading it "
+                   "back beats recomputing it (measured at start); 0: none "
+                   "(default: %(default)s)")
+    p.add_argument("--kv-disk-dir", metavar="PATH",
+                   help="where (default: draft-kv in the user data directory)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="keep no KV between requests: prefill every prompt in full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +142,21 @@ async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -
         nursery.start_soon(pool.refresh)
         models = await trio.to_thread.run_sync(
             load_models, args.target_model, args.draft_model, torch_dtype(args.dtype),
-            args.device, args.target_id)
+            args.device, args.target_id, _kv_options(args))
     return models
+
+
+def _kv_options(args: argparse.Namespace) -> object:
+    from pathlib import Path
+
+    import platformdirs
+
+    from specedge.node.edge import KvOptions
+
+    folder = Path(args.kv_disk_dir) if args.kv_disk_dir else (
+        platformdirs.user_data_path("specedge") / "draft-kv")
+    return KvOptions(ram_gb=args.kv_cache_gb, disk_dir=folder if args.kv_disk_gb > 0 else None,
+                     disk_gb=args.kv_disk_gb, enabled=not args.no_prefix_cache)
 
 
 def _check_addresses(args: argparse.Namespace) -> None:
@@ -145,6 +169,8 @@ def _check_addresses(args: argparse.Namespace) -> None:
         raise ValueError("--silence-timeout must be positive")
     if not args.busy_wait >= 0:
         raise ValueError("--busy-wait must be >= 0")
+    if not args.kv_cache_gb > 0 or not args.kv_disk_gb >= 0:
+        raise ValueError("--kv-cache-gb must be positive and --kv-disk-gb >= 0")
 
 
 def _notice(text: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.peerinfo import PeerInfo
 
+from specedge.kvblocks import block_hashes, model_key
 from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
 from specedge.protocol import hosts
@@ -46,6 +48,7 @@ log = logging.getLogger("specedge.node.discovery")
 STREAM_TIMEOUT = 10.0  # opening a stream to a frozen peer otherwise waits ~10 s anyway
 REFRESH_INTERVAL = 15.0  # join: re-ask the DHT and every candidate this often
 MDNS_WAIT = 2.0  # mDNS found a peer in about 1.6 s on a LAN
+AFFINITY_BLOCKS = 65536  # conversation blocks remembered for prefix-aware routing
 BUSY_RECHECK = 30.0  # while every verifier is busy, look again at least this often
 
 
@@ -178,6 +181,10 @@ class VerifierPool:
         self.in_use: dict[str, int] = {}  # peer -> open sessions (for the status)
         self.refreshed_at = 0.0
         self._refresh_lock = trio.Lock()
+        # Which verifier last served a conversation, by the chained hashes of its token
+        # blocks: the next turn goes where its KV cache is (prefix-aware routing).
+        self.affinity: OrderedDict[bytes, str] = OrderedDict()
+        self._affinity_key = model_key("routing", model_id)
 
     # -- discovery ---------------------------------------------------------------
 
@@ -286,7 +293,7 @@ class VerifierPool:
         """A session on the first ranked verifier (not in `avoid`) that opens one.
 
         `busy` collects the retry-after of each verifier that answered BUSY."""
-        for cand in [c for c in self.ranked if c.peer not in avoid]:
+        for cand in self._order(request.prompt, avoid):
             try:
                 stream = await open_stream(self.host, cand.info, VERIFY_PROTOCOL)
                 session = await Session.open(stream, cand.peer, self.identity, request,
@@ -301,6 +308,31 @@ class VerifierPool:
             session.on_end = lambda peer=cand.peer: self.released(peer)
             return session
         return None
+
+    def served(self, tokens: Sequence[int], verifier: str) -> None:
+        """`verifier` holds the KV of `tokens` now: remember it for a follow-up turn."""
+        for h in block_hashes(tokens, self._affinity_key):
+            self.affinity[h] = verifier
+            self.affinity.move_to_end(h)
+        while len(self.affinity) > AFFINITY_BLOCKS:
+            self.affinity.popitem(last=False)
+
+    def _home(self, prompt: Sequence[int]) -> str | None:
+        """The verifier that served the longest known start of `prompt`, if any."""
+        home = None
+        for h in block_hashes(prompt, self._affinity_key):
+            peer = self.affinity.get(h)
+            if peer is None:
+                break
+            home = peer
+        return home
+
+    def _order(self, prompt: Sequence[int], avoid: set[str]) -> list[Candidate]:
+        """Candidates to try: by rank, but the one holding this conversation's KV first."""
+        cands = [c for c in self.ranked if c.peer not in avoid]
+        home = self._home(prompt)
+        first = [c for c in cands if c.peer == home and c.advert.free_slots > 0]
+        return first + [c for c in cands if c.peer != home or not first]
 
     def failed(self, verifier: str, reason: str) -> None:
         """Drop a verifier whose session failed until the next refresh probes it again, so

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from specedge.kvblocks import BlockStore, DiskTier, disk_pays, store_for
 from specedge.models import (
     DEFAULT_DRAFT_FOR,
     DEMO_DRAFT,
@@ -82,20 +83,46 @@ class Models:
     eos_ids: list[int]
     target_name: str
     draft_name: str
+    store: BlockStore | None = None  # the draft model's KV of past conversations
+
+
+@dataclass
+class KvOptions:
+    """Where the draft model's KV of past conversations is kept (RAM, then disk)."""
+
+    ram_gb: float = 1.0
+    disk_dir: Path | None = None  # None: no disk tier
+    disk_gb: float = 2.0
+    enabled: bool = True
+
+
+def draft_store(model: PreTrainedModel, name: str, kv: KvOptions) -> BlockStore | None:
+    """The node's KV block store for its draft model, with a disk tier when one is
+    configured and reading a block back beats recomputing it (measured)."""
+    if not kv.enabled:
+        return None
+    store = store_for(model, int(kv.ram_gb * 2**30), model_id=name)
+    if kv.disk_dir is not None and kv.disk_gb > 0:
+        folder = kv.disk_dir / store.key.hex()[:16]  # one folder per draft model and dtype
+        if disk_pays(model, folder, store.block_bytes, store.block):
+            store.disk = DiskTier(folder, int(kv.disk_gb * 2**30), store.key)
+    return store
 
 
 def load_models(target: str, draft: str | None, dtype: torch.dtype, device: str = "cpu",
-                target_id: str | None = None) -> Models:
+                target_id: str | None = None, kv: KvOptions | None = None) -> Models:
     """Load the draft model and the target's tokenizer; refuse a vocabulary mismatch.
 
-    `target_id`: the name verifiers know the target by, if not `target`."""
+    `target_id`: the name verifiers know the target by, if not `target`. `kv`: where to
+    keep the draft model's KV between requests (default: 1 GiB of RAM, no disk)."""
     draft = draft_for(target, draft)
     target_tok, target_config = load_target_tokenizer(target)
     model, draft_tok = load_model(draft, dtype, device)
     check_pair(draft_tok, target_tok, draft, target)
     eos = eos_ids(target_tok, target_config or model.generation_config)
     warm_up(model)
-    return Models(model, target_tok, eos, target_id or target, draft)
+    store = draft_store(model, draft, kv or KvOptions())
+    return Models(model, target_tok, eos, target_id or target, draft, store)
 
 
 @torch.inference_mode()
@@ -180,7 +207,7 @@ class Edge:
                 self.models.draft, prompt_ids, max_new_tokens, connector=self.connector,
                 model_id=self.models.target_name, params=params, shape=self.shape,
                 proactive=self.proactive, eos_ids=self.models.eos_ids, on_tokens=tokens,
-                on_event=event, book=self.book, stop=stop)
+                on_event=event, book=self.book, stop=stop, store=self.models.store)
         except BaseException:
             act.failed += 1
             raise

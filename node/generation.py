@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 
 from specedge.drafter import Bet, Drafter
 from specedge.engine import GREEDY, GenerationStats, Output
+from specedge.kvblocks import BlockStore
 from specedge.models import vocab_size
 from specedge.node.client import RoundResult, Session, SessionRequest
 from specedge.node.errors import NodeError, NoVerifierError, VocabularyMismatch
@@ -76,6 +77,7 @@ class NodeStats(GenerationStats):
     failovers: int = 0
     first_token_from_prefill: bool = False  # the first token came with the verifier's prefill
     first_guess_hit: bool | None = None  # the draft's bet on that token was right
+    draft_prefix_reused: int = 0  # prompt tokens the draft model took from its KV store
     time_to_first_token_ms: float | None = None
     inter_token_latency_ms: float | None = None
     mean_round_trip_ms: float | None = None
@@ -146,19 +148,23 @@ async def generate(
     book: ReceiptBook | None = None,
     max_failovers: int = MAX_FAILOVERS,
     stop: Callable[[], bool] | None = None,
+    store: BlockStore | None = None,
 ) -> NodeGeneration:
     """Generate `max_new_tokens` (or up to end-of-sequence) with remote verification.
 
     `on_tokens` gets tokens as they are accepted; `on_event(kind, info)` gets "session"
     (a verifier took the generation), "round" (drafted and accepted counts) and
     "failover" (the verifier failed; info says which and why). `stop()` lets a caller
-    end early (an API stop string) after any round. Raises NoVerifierError (VerifiersBusy
-    when every verifier stayed busy), VocabularyMismatch, or ValueError for bad parameters.
+    end early (an API stop string) after any round. `store`: the draft model's KV of
+    earlier conversations (a follow-up turn drafts without prefilling what it holds;
+    this conversation's blocks are added to it at the end). Raises NoVerifierError
+    (VerifiersBusy when every verifier stayed busy), VocabularyMismatch, or ValueError
+    for bad parameters.
     """
     params.check()
     if not prompt_ids:
         raise ValueError("a generation needs at least one prompt token")
-    run = _Run(Drafter(draft_model, shape), vocab_size(draft_model), prompt_ids,
+    run = _Run(Drafter(draft_model, shape, store=store), vocab_size(draft_model), prompt_ids,
                max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
                on_event, book, max_failovers, stop)
     try:
@@ -170,6 +176,7 @@ async def generate(
         await run.close()
     finally:
         await run.abort()
+    await trio.to_thread.run_sync(run.drafter.keep)  # for the conversation's next turn
     return run.result()
 
 
@@ -263,6 +270,9 @@ class _Run:
 
     async def close(self) -> None:
         if self.session is not None:
+            served = getattr(self.connector, "served", None)
+            if served is not None:  # the next turn goes where this one's KV is
+                served(self.committed, self.session.verifier)
             await self.session.close()
             self.session = None
 
@@ -347,6 +357,7 @@ class _Run:
         stats, out = self.stats, self.out
         stats.target_forwards = stats.rounds
         stats.draft_forwards = self.drafter.counter.forwards
+        stats.draft_prefix_reused = self.drafter.restored
         stats.generated = len(out.tokens)
         stats.wall_s = time.perf_counter() - self.clock.start
         if self.round_trips:

@@ -348,6 +348,12 @@ def mutate_message(rng: random.Random, msg, depth: int = 0):
                 mutate_message(rng, getattr(msg, fd.name), depth + 1)
             else:
                 msg.ClearField(fd.name)
+        elif fd.is_repeated and fd.message_type is not None:  # e.g. Advertisement.pass_costs
+            values = getattr(msg, fd.name)
+            if rng.random() < 0.2:
+                del values[:]
+            for _ in range(rng.choice([1, 2, 70])):
+                mutate_message(rng, values.add(), depth + 1)
         elif fd.is_repeated:
             values = getattr(msg, fd.name)
             action = rng.randrange(5)

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from specedge import kvcache
+from specedge.kvblocks import BlockStore, block_hashes
 from specedge.trees import TokenTree, TreeShape, tree_mask, tree_positions
 
 
@@ -75,8 +76,12 @@ class Drafter:
     """Draft model state for one generation (not thread-safe: one caller at a time)."""
 
     def __init__(self, model: PreTrainedModel, shape: TreeShape,
-                 counter: ForwardCounter | None = None) -> None:
+                 counter: ForwardCounter | None = None, store: BlockStore | None = None) -> None:
+        """`store`: KV blocks of earlier conversations, to start from instead of prefilling
+        (see `keep`)."""
         self.model = model
+        self.store = store
+        self.restored = 0  # prompt rows taken from the store instead of forwarded
         self.shape = shape
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -103,6 +108,8 @@ class Drafter:
 
     def _extend(self, sequence: list[int]) -> torch.Tensor:
         """Bring the cache to `sequence` (reusing the common prefix); return last logits [V]."""
+        if not self.seq:
+            self._restore(sequence)
         common = 0
         limit = min(len(self.seq), len(sequence) - 1)  # always forward at least one token
         while common < limit and self.seq[common] == sequence[common]:
@@ -113,6 +120,38 @@ class Drafter:
         logits = self._forward(new, positions, None)
         self.seq = list(sequence)
         return logits[-1]
+
+    def _restore(self, sequence: list[int]) -> None:
+        """Start an empty cache from the store's blocks of `sequence` (a follow-up turn,
+        a shared system prompt): copied in, so the store's blocks stay untouched."""
+        if self.store is None or not self.store.enabled:
+            return
+        blocks = self.store.lookup(sequence[:-1], self.device)  # the last one is forwarded
+        if not blocks:
+            return
+        for layer in range(len(blocks[0].k)):
+            self.cache.update(torch.cat([b.k[layer] for b in blocks], dim=-2),
+                              torch.cat([b.v[layer] for b in blocks], dim=-2), layer)
+        self.store.release(blocks)
+        self.seq = list(sequence[: len(blocks) * self.store.block])
+        self.restored += len(self.seq)
+
+    def keep(self) -> int:
+        """Put the full blocks of the rows this drafter holds for committed tokens into the
+        store, for the next turn of the conversation; return how many were new."""
+        store = self.store
+        if store is None or not store.enabled:
+            return 0
+        b, added = store.block, 0
+        layers = kvcache.layers(self.cache)
+        for i, h in enumerate(block_hashes(self.seq, store.key, b)):
+            if h in store.blocks or (store.disk is not None and h in store.disk):
+                continue
+            rows = slice(i * b, (i + 1) * b)
+            data = torch.stack([torch.stack([k[0, :, rows], v[0, :, rows]]) for k, v in layers])
+            store.release([store.add(h, data.contiguous())])
+            added += 1
+        return added
 
     def _step(self, growth: Growth) -> None:
         """Add one batch of nodes and, unless the tree is full, forward them."""

@@ -14,12 +14,22 @@ def cache_len(cache: DynamicCache) -> int:
 
 def keep_rows(cache: DynamicCache, rows: Sequence[int] | torch.Tensor) -> None:
     """Keep only the given sequence rows of every layer, in that order (in place)."""
+    if not isinstance(cache, DynamicCache):  # a paged session cache does its own
+        cache.keep_rows(rows)
+        return
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys.numel() == 0:
             continue
         index = torch.as_tensor(rows, dtype=torch.long, device=layer.keys.device)
         layer.keys = layer.keys.index_select(-2, index)
         layer.values = layer.values.index_select(-2, index)
+
+
+def layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) [1, H, T, D], whatever the cache's kind."""
+    if not isinstance(cache, DynamicCache):
+        return [cache.layer(i) for i in range(cache.num_layers)]
+    return [(layer.keys, layer.values) for layer in cache.layers if layer.is_initialized]
 
 
 def truncate(cache: DynamicCache, length: int) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 from netutil import (
     Proc,
@@ -36,7 +37,8 @@ class Verifier:
     """A `specedge-verifier serve` process: its address, metrics, ledger and memory."""
 
     def __init__(self, workdir: Path, name: str, *extra: str, ledger: str | None = None,
-                 identity: Path | None = None, listen: str = LOOPBACK) -> None:
+                 identity: Path | None = None, listen: str = LOOPBACK,
+                 program: str | None = None) -> None:
         self.workdir = workdir
         self.name = name
         self.metrics_port = free_port()
@@ -46,7 +48,8 @@ class Verifier:
         self.ledger = ledger or str(workdir / f"{name}.sqlite3")
         self.spool = workdir / f"{name}.spool"
         args = [
-            script("specedge-verifier"), "serve", "--model", "tiny-test", "--listen", listen,
+            program or script("specedge-verifier"), "serve", "--model", "tiny-test",
+            "--listen", listen,
             "--announce-file", str(self.announce), "--identity", str(self.identity),
             "--ledger", self.ledger, "--spool-dir", str(self.spool),
             "--metrics-port", str(self.metrics_port), "--threads", "1",
@@ -121,6 +124,29 @@ def node_generate(workdir: Path, name: str, prompt: str, n: int, *,
     for a in bootstrap:
         args += ["--bootstrap", a]
     return Proc(args, workdir, name, child_env(workdir))
+
+
+class Join:
+    """A `specedge-node join` process (its own identity and ledger) and its API."""
+
+    def __init__(self, workdir, name: str, *verifiers: str, extra: tuple[str, ...] = ()) -> None:
+        self.url_file = workdir / f"{name}.url"
+        args = [script("specedge-node"), "join", "--listen", "/ip4/127.0.0.1/tcp/0",
+                "--api", f"127.0.0.1:{free_port()}", "--no-status", "--announce-file",
+                str(self.url_file), "--identity", str(workdir / f"{name}.key"), "--ledger",
+                str(workdir / f"{name}.sqlite3"), *extra]
+        for v in verifiers:
+            args += ["--verifier", v]
+        self.proc = Proc(args, workdir, name, child_env(workdir))
+        self.url = ""
+
+    def ready(self) -> Join:
+        self.url = self.proc.wait_for_file(self.url_file, START_TIMEOUT)[0]
+        return self
+
+    def complete(self, prompt: str, n: int) -> httpx.Response:
+        body = {"model": "tiny-test", "prompt": prompt, "max_tokens": n, "temperature": 0}
+        return httpx.post(f"{self.url}/v1/completions", json=body, timeout=500)
 
 
 def json_result(proc: Proc, timeout: float = 180.0) -> dict:

@@ -156,3 +156,23 @@ def test_a_failed_run_is_reported_and_nothing_measured_is_lost(tmp_path):
     assert failed["failed"] is True and "6 of 6 requests failed" in failed["error"]
     assert on_disk["modes"]["autoregressive"]["1"]["tokens"] == 10  # still there
     assert on_disk["ratios"]["specedge_vs_autoregressive"] == {}  # no figures invented
+
+
+def test_multi_turn_summary_compares_reuse_with_none():
+    from bench.multiturn import summarise
+
+    def turns(ttfts, busy, prefill):
+        return [{"turn": i + 1, "ttft_ms_p50": t, "verifier_busy_s": b, "prefill_tokens": p}
+                for i, (t, b, p) in enumerate(zip(ttfts, busy, prefill, strict=True))]
+
+    configs = {
+        "reuse": {"turns": turns([500, 120, 110, 100, 100], [2, 0.5, 0.5, 0.5, 0.5],
+                                 [400, 40, 40, 40, 40]), "kv_bytes_per_session": 2**20},
+        "no_reuse": {"turns": turns([500, 600, 700, 800, 900], [2, 2, 2, 2, 2],
+                                    [400, 500, 600, 700, 800]),
+                     "kv_bytes_per_session": 2**21},
+    }
+    s = summarise(configs)
+    assert s["turn5_ttft_ratio"] == 9.0 and s["busy_ratio"] == 2.5
+    assert s["prefill_tokens"] == {"reuse": 560, "no_reuse": 3000}
+    assert s["sessions_per_gib"] == {"reuse": 1024.0, "no_reuse": 512.0}

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from specedge import kvcache
 from specedge.models import build_tiny
 from specedge.sampling import SamplingParams
 from specedge.verification import TargetSession
@@ -34,10 +35,10 @@ def target():
 
 
 def same_cache(a, b) -> bool:
-    return len(a.layers) == len(b.layers) and all(
-        torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
-        for x, y in zip(a.layers, b.layers, strict=True)
-    )
+    la, lb = kvcache.layers(a), kvcache.layers(b)
+    return len(la) == len(lb) and all(
+        torch.equal(ka, kb) and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(la, lb,
+                                                                                  strict=True))
 
 
 def random_tree(rng: random.Random, n: int, kind: str, likely: list[int]) -> tuple[list, list]:
@@ -180,7 +181,7 @@ def test_failed_pass_leaves_sessions_untouched(target):
     engine = TargetEngine(target, prefill_chunk=CHUNK)
     state = engine.new_state(list(range(20)), SamplingParams())
     prefill_all(engine, [state])
-    before = [layer.keys.clone() for layer in state.cache.layers]
+    before = [k.clone() for k, _ in kvcache.layers(state.cache)]
     tokens = list(state.tokens)
     bad = engine.new_state(list(range(5)), SamplingParams())
     prefill_all(engine, [bad])
@@ -188,7 +189,8 @@ def test_failed_pass_leaves_sessions_untouched(target):
     with pytest.raises(IndexError):
         engine.run([VerifyJob(state, [1, 2], [-1, 0]), VerifyJob(bad, [10**6], [-1])])
     assert state.tokens == tokens
-    assert all(torch.equal(a, b.keys) for a, b in zip(before, state.cache.layers, strict=True))
+    after = [k for k, _ in kvcache.layers(state.cache)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     engine.run([VerifyJob(state, [1, 2], [-1, 0])])  # still usable
 
 

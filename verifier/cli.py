@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the measured prefill speed); the node then tries another verifier "
                    "or comes back (default: %(default)s)")
     p.add_argument("--test-pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--kv-cache-gb", type=float, metavar="GB",
+                   help="memory for sessions' KV cache, shared prefix blocks and cached "
+                   "blocks of past sessions; a session that would not fit is refused BUSY "
+                   "(default: half the memory free after loading the model)")
+    p.add_argument("--kv-host-gb", type=float, default=0.0, metavar="GB",
+                   help="with a GPU: host RAM for blocks evicted from the GPU (default: 0)")
+    p.add_argument("--kv-disk-dir", metavar="PATH",
+                   help="keep evicted KV blocks in this folder (checksummed) and restore "
+                   "them for later turns, when reading one is faster than recomputing it "
+                   "(measured at start)")
+    p.add_argument("--kv-disk-gb", type=float, default=10.0, metavar="GB",
+                   help="disk space for KV blocks (default: %(default)s)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="no KV reuse between sessions: every prompt is prefilled in full")
     p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                    help="prompt rows prefilled per pass and session (default: %(default)s)")
     p.add_argument("--max-sessions", type=int, default=64, metavar="N",
@@ -106,6 +120,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--batch-wait must be in [0, 4] (mean passes)")
     if not args.admit_wait > 0:
         raise ValueError("--admit-wait must be positive")
+    for name in ("kv_cache_gb", "kv_disk_gb"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.kv_host_gb < 0:
+        raise ValueError("--kv-host-gb must be >= 0")
 
 
 # glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX).
@@ -156,7 +176,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
     model, _tok = load_model(args.model, dtype, args.device)
-    engine = TargetEngine(model, prefill_chunk=min(args.prefill_chunk, args.max_batch_tokens))
+    store = kv_store(model, args)
+    engine = TargetEngine(model, prefill_chunk=min(args.prefill_chunk, args.max_batch_tokens),
+                          store=store)
+    engine.tree_slack = args.max_tree_tokens + 1
     engine.extra_pass_seconds = args.test_pass_delay
     log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
              args.model, args.dtype, args.device, "reproduce" if engine.exact else
@@ -206,6 +229,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if ledger is not None:
             ledger.close()
+
+
+def kv_store(model: object, args: argparse.Namespace) -> object:
+    """The KV block store: its memory budget, and a disk tier when asked and worth it."""
+    from specedge.kvblocks import DiskTier, disk_pays, store_for
+
+    budget = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else _free_memory(args.device) // 2
+    store = store_for(model, budget, model_id=args.model_id or args.model,
+                          enabled=not args.no_prefix_cache,
+                          host_budget_bytes=int(args.kv_host_gb * 2**30))
+    log.info("KV memory: %.1f MiB (%.1f KiB per token, blocks of %d tokens)%s",
+             budget / 2**20, store.row_bytes / 1024, store.block,
+             "; prefix reuse off" if args.no_prefix_cache else "")
+    if args.kv_disk_dir and not args.no_prefix_cache:
+        if disk_pays(model, Path(args.kv_disk_dir), store.block_bytes, store.block):
+            store.disk = DiskTier(Path(args.kv_disk_dir), int(args.kv_disk_gb * 2**30),
+                                  store.key)
+    return store
+
+
+def _free_memory(device: str) -> int:
+    """Bytes free on `device` now (after the model is loaded)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def main(argv: list[str] | None = None) -> int:

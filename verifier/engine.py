@@ -53,6 +53,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specedge import kvcache
 from specedge.acceptance import accept
+from specedge.kvblocks import BlockStore, SessionKV, store_for
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.verification import Verdict, choice_positions, forward_inputs, kept_rows
 
@@ -68,12 +69,12 @@ class TargetState:
     KV cache of every committed token but the pending one, once prefilled.
 
     The same invariant as `TargetSession`; the engine fills the cache in prefill chunks
-    and then verifies trees against it.
+    (after the blocks it found cached) and then verifies trees against it.
     """
 
     tokens: list[int]
     params: SamplingParams
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    cache: SessionKV | DynamicCache = field(default_factory=DynamicCache)
 
     @property
     def prefix_len(self) -> int:
@@ -88,7 +89,9 @@ class TargetState:
         return self.cached >= self.prefix_len
 
     def kv_bytes(self) -> int:
-        """Bytes held by this session's KV cache."""
+        """Bytes held by this session's KV cache (shared blocks counted in full)."""
+        if isinstance(self.cache, SessionKV):
+            return self.cache.nbytes()
         total = 0
         for layer in self.cache.layers:
             if layer.is_initialized:
@@ -320,9 +323,12 @@ class TargetEngine:
     """Runs passes of jobs through the target model (one pass at a time)."""
 
     def __init__(self, model: PreTrainedModel, prefill_chunk: int = 512,
-                 exact: bool | None = None) -> None:
-        """`exact`: reproduce one-session float rounding (default: for float32 only)."""
+                 exact: bool | None = None, store: BlockStore | None = None) -> None:
+        """`exact`: reproduce one-session float rounding (default: for float32 only).
+        `store`: where sessions' KV blocks live (default: unbounded, prefix reuse on)."""
         self.model = model
+        self.store = store or store_for(model)
+        self.tree_slack = 65  # rows a session may hold beyond its committed ones (a tree)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if exact is None:
@@ -337,10 +343,24 @@ class TargetEngine:
         # native bf16 takes 30 s for a 100-token prefill) with the tiny model.
         self.extra_pass_seconds = 0.0
 
-    def new_state(self, prompt: Sequence[int], params: SamplingParams) -> TargetState:
+    def new_state(self, prompt: Sequence[int], params: SamplingParams,
+                  max_new_tokens: int | None = None) -> TargetState:
+        """A session's state, its cache starting with the cached blocks of its prompt.
+
+        Raises kvblocks.MemoryFull when its rows (prompt + `max_new_tokens`, default the
+        model's context) could not fit the KV memory."""
         if not prompt:
             raise ValueError("a session needs at least one prompt token")
-        return TargetState(list(prompt), params)
+        limit = getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20
+        rows = min(len(prompt) + max_new_tokens, limit) if max_new_tokens else limit
+        # The pending (last) token is never cached: look up the blocks before it.
+        cache = self.store.open(prompt[:-1], rows, self.tree_slack, self.device)
+        return TargetState(list(prompt), params, cache)
+
+    def release(self, state: TargetState) -> None:
+        """The session ended: its blocks stay cached for later sessions, the rest is freed."""
+        if isinstance(state.cache, SessionKV):
+            state.cache.close()
 
     def next_prefill(self, state: TargetState, limit: int | None = None) -> PrefillJob | None:
         """The session's next prefill chunk (None when prefilled), at most `limit` rows."""
@@ -423,6 +443,9 @@ class TargetEngine:
         self.passes += 1
         verdicts = [None if d is None else self._commit(job, *d)
                     for job, d in zip(jobs, decisions, strict=True)]
+        for job in jobs:  # committed rows that fill a block become shareable
+            if isinstance(job.state.cache, SessionKV):
+                job.state.cache.seal(job.state.tokens, job.state.cached)
         return PassResult(verdicts, time.perf_counter() - start, len(ids))
 
     @property

@@ -74,6 +74,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 
+from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import frame_envelope_bytes, open_request
@@ -284,11 +285,17 @@ class Verifier:
         msg = await self._read_open(stream, peer)
         if msg is None:
             return
-        session = Session(
-            new_session_id(), peer,
-            self.engine.new_state(list(msg.prompt), _sampling(msg.sampling)),
-            msg.max_new_tokens, progress=msg.progress,
-        )
+        try:
+            state = self.engine.new_state(list(msg.prompt), _sampling(msg.sampling),
+                                          msg.max_new_tokens)
+        except MemoryFull as exc:
+            self.table.release(peer)
+            await self._send_error(stream, ProtocolError(
+                ErrorCode.BUSY, f"not enough KV memory for this session now: {exc}",
+                retry_after=self.table.slot_wait()))
+            return
+        session = Session(new_session_id(), peer, state, msg.max_new_tokens,
+                          progress=msg.progress)
         self.table.add(session)
         self.metrics.sessions_opened.inc()
         self._gauges()
@@ -298,6 +305,7 @@ class Verifier:
         finally:
             self.table.remove(session)
             self.scheduler.forget(session)
+            self.engine.release(session.state)
             self.table.release(peer)
             self.metrics.sessions_closed.labels(reason=reason).inc()
             self._gauges()
@@ -601,6 +609,9 @@ class Verifier:
     def _gauges(self) -> None:
         self.metrics.sessions_open.set(len(self.table))
         self.metrics.kv_cache_bytes.set(self.table.kv_bytes())
+        store = getattr(self.engine, "store", None)
+        if store is not None:
+            self.metrics.record_store(store)
 
 
 def _sampling(msg: pb.Sampling) -> SamplingParams:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from specedge.kvblocks import BlockStore
+
 _SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64, 128)
 _TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -69,11 +71,60 @@ class VerifierMetrics:
                                         "Verify request received to result sent",
                                         buckets=_SECONDS_BUCKETS, registry=r)
         self.errors = Counter(p + "errors", "Error frames sent, by code", ["code"], registry=r)
+        # KV blocks: vLLM's prefix-cache names (counted in tokens), then ours.
+        self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up "
+                                      "in the prefix cache (full blocks)", registry=r)
+        self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens found in the "
+                                   "prefix cache", registry=r)
+        self.kv_blocks = Gauge(p + "kv_blocks", "KV blocks held, by tier", ["tier"],
+                               registry=r)
+        self.kv_bytes = Gauge(p + "kv_bytes", "Bytes of KV blocks, by tier", ["tier"],
+                              registry=r)
+        self.kv_session_bytes = Gauge(p + "kv_session_bytes", "KV memory live sessions hold "
+                                      "(shared blocks counted once)", registry=r)
+        self.kv_free_bytes = Gauge(p + "kv_free_bytes", "KV memory a new session may take "
+                                   "(0: no --kv-cache-gb bound)", registry=r)
+        self.kv_evictions = Counter(p + "kv_evictions", "Blocks evicted from a tier",
+                                    ["tier"], registry=r)
+        self.kv_disk_restores = Counter(p + "kv_disk_restores", "Blocks read back from disk",
+                                        registry=r)
+        self.kv_checksum_failures = Counter(p + "kv_checksum_failures", "Disk blocks that "
+                                            "failed their checks (dropped, recomputed)",
+                                            registry=r)
+        self.kv_disk_write_failures = Counter(p + "kv_disk_write_failures", "Blocks that "
+                                              "could not be written to disk (full, I/O error)",
+                                              registry=r)
         self.admissions_refused = Counter(
             p + "admissions_refused", "Sessions refused BUSY because their prefill could not "
             "start within --admit-wait", registry=r)
         self.receipts = Counter(p + "receipts", "Receipts handed to the ledger, by outcome",
                                 ["status"], registry=r)
+
+    def record_store(self, store: BlockStore) -> None:
+        """Bring the KV block figures up to date (counters by their growth since last)."""
+        with store.lock:  # the engine thread may be sealing blocks meanwhile
+            self._record_store(store)
+
+    def _record_store(self, store: BlockStore) -> None:
+        st = store.stats
+        for counter, value in ((self.prefix_queries, st.queries), (self.prefix_hits, st.hits),
+                               (self.kv_disk_restores, st.disk_restores),
+                               (self.kv_checksum_failures, st.checksum_failures),
+                               (self.kv_disk_write_failures, st.disk_write_failures)):
+            _advance(counter, value)
+        for tier, n in st.evictions.items():
+            _advance(self.kv_evictions.labels(tier=tier), n)
+        device = store.resident_bytes()
+        self.kv_blocks.labels(tier="device").set(len(store.blocks))
+        self.kv_bytes.labels(tier="device").set(device)
+        self.kv_blocks.labels(tier="host").set(len(store.host))
+        self.kv_bytes.labels(tier="host").set(len(store.host) * store.block_bytes)
+        disk = store.disk
+        self.kv_blocks.labels(tier="disk").set(len(disk.files) if disk else 0)
+        self.kv_bytes.labels(tier="disk").set(disk.used if disk else 0)
+        self.kv_free_bytes.set(max(store.free_bytes(), 0) if store.budget < 1 << 61 else 0)
+        self.kv_session_bytes.set(store.referenced_bytes()
+                                  + sum(s.tail_bytes() for s in store.sessions))
 
     def record_pass(self, verify_jobs: int, jobs: int, tokens: int, seconds: float) -> None:
         if verify_jobs:
@@ -100,3 +151,10 @@ class VerifierMetrics:
         """Serve /metrics on 127.0.0.1:`port` from a daemon thread; return the port."""
         server, _thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
         return int(server.server_port)
+
+
+def _advance(counter: Counter, value: float) -> None:
+    """Move a counter up to `value` (a total kept elsewhere)."""
+    now = counter._value.get()
+    if value > now:
+        counter.inc(value - now)
