@@ -189,7 +189,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Advertisement(_message.Message):
-    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size")
+    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size", "sessions_open", "committed_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,8 @@ class Advertisement(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_TREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     max_batch_tokens: int
@@ -208,7 +210,9 @@ class Advertisement(_message.Message):
     protocol_version: str
     max_tree_tokens: int
     vocab_size: int
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    sessions_open: int
+    committed_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sessions_open: _Optional[int] = ..., committed_tokens: _Optional[int] = ...) -> None: ...
 
 class AdvertQuery(_message.Message):
     __slots__ = ("model_id",)

@@ -339,6 +339,7 @@ def validate_advertisement(msg: pb.Advertisement) -> None:
     _range(msg.mean_verify_micros, "mean_verify_micros", 0, MAX_VERIFY_MICROS)
     _range(msg.max_tree_tokens, "max_tree_tokens", 0, MAX_TREE_TOKENS)  # 0: not announced
     _range(msg.vocab_size, "vocab_size", 0, MAX_VOCAB_SIZE)
+    _range(msg.sessions_open, "sessions_open", 0, MAX_FREE_SLOTS)  # the same bound as slots
 
 
 def validate_advert_query(msg: pb.AdvertQuery) -> None:

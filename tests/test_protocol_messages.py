@@ -62,7 +62,7 @@ def sample_messages() -> dict[str, object]:
         "advert": pb.Advertisement(
             model_id="tiny-test", revision="r", max_batch_tokens=4096, free_slots=3,
             queue_depth=1, mean_verify_micros=2500, protocol_version="1.0.0",
-            max_tree_tokens=64, vocab_size=256,
+            max_tree_tokens=64, vocab_size=256, sessions_open=2, committed_tokens=12345,
         ),
         "advert_query": pb.AdvertQuery(model_id="tiny-test"),
     }
@@ -252,7 +252,8 @@ def test_largest_valid_messages_fit_their_frame_limits() -> None:
         model_id=model, revision=wide * L.MAX_REVISION_CHARS, max_batch_tokens=L.MAX_BATCH_TOKENS,
         free_slots=L.MAX_FREE_SLOTS, queue_depth=L.MAX_QUEUE_DEPTH,
         mean_verify_micros=L.MAX_VERIFY_MICROS, protocol_version="1.999999.999999",
-        max_tree_tokens=n, vocab_size=L.MAX_VOCAB_SIZE,
+        max_tree_tokens=n, vocab_size=L.MAX_VOCAB_SIZE, sessions_open=L.MAX_FREE_SLOTS,
+        committed_tokens=u64,
     )
     validate_advertisement(advert)
     query = pb.AdvertQuery(model_id=model)

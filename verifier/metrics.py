@@ -69,6 +69,8 @@ class VerifierMetrics:
         self.errors = Counter(p + "errors", "Error frames sent, by code", ["code"], registry=r)
         self.receipts = Counter(p + "receipts", "Receipts handed to the ledger, by outcome",
                                 ["status"], registry=r)
+        # The committed-token count again as a plain int, for the advertisement.
+        self.committed_total = 0
 
     def record_pass(self, verify_jobs: int, jobs: int, tokens: int, seconds: float) -> None:
         if verify_jobs:
@@ -83,6 +85,7 @@ class VerifierMetrics:
         self.num_draft_tokens.inc(drafted)
         self.num_accepted_tokens.inc(len(accepted))
         self.committed_tokens.inc(len(accepted) + 1)
+        self.committed_total += len(accepted) + 1
         for pos in range(min(len(accepted), MAX_POSITIONS)):
             self.num_accepted_per_pos.labels(position=str(pos)).inc()
 
