@@ -59,6 +59,7 @@ QUERY_TIMEOUT = 5.0  # one FIND_NODE or advert exchange, dial included
 MAX_KAD_RESPONSE = 256 * 1024  # 20 peers with addresses and signed records take ~10 KB
 MAX_PEERS = 2000  # a walk stops growing here
 MAX_MODELS = 64  # provider lookups per crawl
+PROVIDER_COUNT = 1000  # providers asked of one lookup (it stops at this many answers)
 MAX_BUCKETS = 12  # FIND_NODE probes per peer at most: enough below ~80,000 peers
 MAX_ADDRS = 8  # addresses kept per peer found in a FIND_NODE answer
 CONCURRENCY = 16  # peers queried at once
@@ -67,7 +68,7 @@ ASK_DEADLINE = 30.0  # the same for one round of advert queries
 
 # What an advert query found out about a peer.
 VERIFIER = "verifier"  # a valid Advertisement
-GONE = "gone"  # unreachable, closed, or shutting down
+GONE = "gone"  # unreachable, or says it is shutting down or full
 NOT_VERIFIER = "not_verifier"  # reachable, does not speak the advert protocol
 MISBEHAVING = "misbehaving"  # spoke it, and said something wrong (or nothing in time)
 
@@ -161,14 +162,20 @@ def closer_peers(data: bytes) -> list[PeerInfo]:
     for p in msg.closerPeers[: 2 * BUCKET_SIZE]:
         if not 2 <= len(p.id) <= 64:  # Ed25519 ids are 38 bytes, RSA ones 34
             continue
-        addrs = []
-        for raw in p.addrs[:MAX_ADDRS]:
-            try:
-                addrs.append(Multiaddr(raw))
-            except Exception:
-                continue
+        addrs = [a for a in map(parse_addr, p.addrs[:MAX_ADDRS]) if a is not None]
         out.append(PeerInfo(ID(bytes(p.id)), addrs))
     return out
+
+
+def parse_addr(raw: bytes) -> Multiaddr | None:
+    """A multiaddr from its binary form, or None. Multiaddr(bytes) parses lazily: junk
+    passes the constructor and raises later, inside a dial or a str(), so each one is
+    turned into text and back before anything else sees it."""
+    try:
+        text = str(Multiaddr(raw))
+        return Multiaddr(text) if text else None  # an empty address dials nothing
+    except Exception:  # multiaddr's parse errors, and worse on hostile bytes
+        return None
 
 
 async def routing_table_of(host: IHost, info: PeerInfo) -> list[PeerInfo]:
@@ -201,7 +208,11 @@ async def walk(host: IHost, start: Iterable[PeerInfo], *, max_peers: int = MAX_P
 
     async def visit(info: PeerInfo, nursery: trio.Nursery) -> None:
         async with limiter:
-            table = await routing_table_of(host, info)
+            try:
+                table = await routing_table_of(host, info)
+            except Exception:  # a libp2p surprise on hostile input: skip this peer
+                log.exception("walking %s failed", info.peer_id)
+                return
         for p in table:
             if p.peer_id != me and p.peer_id not in found and len(found) < max_peers:
                 found[p.peer_id] = p
@@ -224,7 +235,13 @@ def addrs_of(host: IHost, info: PeerInfo) -> list[str]:
         addrs = host.get_peerstore().addrs(info.peer_id)
     except Exception:  # PeerStoreError: unknown or expired
         addrs = list(info.addrs)
-    return [str(a) for a in addrs[:MAX_ADDRS]]
+    out = []
+    for a in addrs[:MAX_ADDRS]:
+        try:
+            out.append(str(a))
+        except Exception:  # a lazily parsed junk address someone else stored
+            continue
+    return out
 
 
 async def ask(host: IHost, info: PeerInfo, timeout: float = ADVERT_TIMEOUT) -> Answer:
@@ -248,9 +265,8 @@ async def ask(host: IHost, info: PeerInfo, timeout: float = ADVERT_TIMEOUT) -> A
         return Answer(peer, addrs, GONE, problem=f"no stream: {exc}"[:200])  # connection lost
     try:
         advert = await _exchange(stream, timeout)
-    except ProtocolError as exc:
-        kind = GONE if exc.code in _LEAVING or exc.code == ErrorCode.STREAM_CLOSED else (
-            MISBEHAVING)
+    except ProtocolError as exc:  # a hang-up after accepting the query is misbehaviour too
+        kind = GONE if exc.code in _LEAVING else MISBEHAVING
         return Answer(peer, addrs, kind, problem=str(exc)[:300])  # "CODE: what"
     finally:
         await hosts.close_stream(stream)
@@ -274,7 +290,11 @@ async def ask_all(host: IHost, infos: Iterable[PeerInfo], answers: dict[str, Ans
 
     async def one(peer: str, info: PeerInfo) -> None:
         async with limiter:
-            answers[peer] = await ask(host, info)
+            try:
+                answers[peer] = await ask(host, info)
+            except Exception as exc:  # a libp2p surprise on hostile input: this peer only
+                log.exception("asking %s failed", peer)
+                answers[peer] = Answer(peer, [], MISBEHAVING, problem=f"INTERNAL: {exc}"[:300])
 
     with trio.move_on_after(deadline):
         async with trio.open_nursery() as nursery:
@@ -291,7 +311,8 @@ async def providers(dht: KadDHT, models: Iterable[str]) -> dict[str, tuple[PeerI
     out: dict[str, tuple[PeerInfo, set[str]]] = {}
 
     async def one(model: str) -> None:
-        for info in await hosts.find_providers(dht, dht_key(model)):
+        # A large count: py-libp2p counts repeats of a provider toward it and stops early.
+        for info in await hosts.find_providers(dht, dht_key(model), count=PROVIDER_COUNT):
             peer = info.peer_id.to_base58()
             out.setdefault(peer, (info, set()))[1].add(model)
 

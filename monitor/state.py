@@ -203,6 +203,7 @@ class Swarm:
             trouble = self.troubles[peer] = Trouble(peer, model, answer.addrs, answer.problem,
                                                     now, now, count)
         trouble.problem, trouble.addrs, trouble.last_seen = answer.problem, answer.addrs, now
+        trouble.model_id = claimed or trouble.model_id  # a provider record may come late
         trouble.count += 1
         self.gone.pop(peer, None)
 

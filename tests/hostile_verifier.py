@@ -10,6 +10,7 @@ queries according to its mode:
 - ``html``: a valid Advertisement whose model id and revision are HTML and script;
 - ``garbage``: bytes that are no frame;
 - ``silent``: reads the query and never answers;
+- ``hangup``: reads the query and closes the stream without a word;
 - ``wrong``: a well-formed frame of the wrong kind (SessionOpened);
 - ``invalid``: an Advertisement that fails validation (protocol version 9.0.0);
 - ``huge``: a length prefix of 64 MiB, then a trickle of bytes;
@@ -36,7 +37,8 @@ from specedge.protocol.framing import encode_frame, read_frame
 from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, dht_key
 from specedge.protocol.varint import encode_uvarint
 
-MODES = ("good", "html", "garbage", "silent", "wrong", "invalid", "huge", "kad-garbage")
+MODES = ("good", "html", "garbage", "silent", "hangup", "wrong", "invalid", "huge",
+         "kad-garbage")
 HTML_MODEL = '<script>alert("model")</script><img src=x onerror=alert(1)>'
 HTML_REVISION = '"><b>rev</b>'
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -70,6 +72,8 @@ def advert_reply(mode: str, model_id: str, counter: list[int]) -> bytes | None:
         return encode_frame(pb.Frame(advert=ad))
     if mode == "huge":
         return encode_uvarint(64 << 20) + b"\x00" * 16
+    if mode == "hangup":
+        return b""
     return None  # silent
 
 
@@ -84,7 +88,8 @@ def advert_handler(mode: str, model_id: str):  # noqa: ANN201
                 if reply is None:
                     await trio.sleep(30)  # silent: hold the stream open, say nothing
                     return
-                await stream.write(reply)
+                if reply:
+                    await stream.write(reply)
                 if mode == "huge":
                     for _ in range(50):
                         await trio.sleep(0.2)

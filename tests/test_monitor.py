@@ -3,20 +3,35 @@ leaderboard, and the web app's answers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
 
 import pytest
 from hostile_verifier import HTML_MODEL, HTML_REVISION, advertisement
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 from starlette.testclient import TestClient
 
 from specedge.ledger import open_ledger
 from specedge.ledger.testing import make_pair, make_peers
 from specedge.monitor import leaderboard, page
-from specedge.monitor.crawl import GONE, MISBEHAVING, NOT_VERIFIER, VERIFIER, Answer, Crawl
+from specedge.monitor.crawl import (
+    GONE,
+    MISBEHAVING,
+    NOT_VERIFIER,
+    VERIFIER,
+    Answer,
+    Crawl,
+    bucket_key,
+    closer_peers,
+    routing_key,
+)
 from specedge.monitor.server import make_app
 from specedge.monitor.state import GONE_KEEP_S, HISTORY_S, Swarm, reachability
+from specedge.protocol.errors import ProtocolError
 
 PEER_A = "12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 PEER_B = "12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
@@ -110,8 +125,9 @@ def test_a_misbehaving_verifier_is_shown_as_such_and_recovers_with_its_record():
     assert (t["model_id"], t["problem"], t["bad_answers"]) == (
         "tiny-test", "MALFORMED: not a frame", 1)
     clock.t += 5
-    s.apply(crawl(bad))
+    s.apply(crawl(bad, claims={PEER_A: {"claimed-model"}}))  # the latest claim is shown
     assert s.snapshot()["misbehaving"][0]["bad_answers"] == 2
+    assert s.snapshot()["misbehaving"][0]["model_id"] == "claimed-model"
     clock.t += 5
     s.apply(crawl(good(PEER_A)))
     doc = s.snapshot()
@@ -146,6 +162,26 @@ def test_models_are_grouped_with_their_load():
     rows = s.snapshot()["models"]
     assert [(r["model_id"], r["verifiers"], r["sessions"]) for r in rows] == [
         ("m1", 2, 7), ("m2", 1, 3)]
+
+
+def test_a_find_node_answer_is_parsed_defensively():
+
+    good_addr = Multiaddr("/ip4/10.0.0.1/tcp/4001").to_bytes()
+    peers = [Message.Peer(id=b"\x00\x24" + bytes(36), addrs=[good_addr, b"\xff\x00junk", b""]),
+             Message.Peer(id=b"x" * 500, addrs=[good_addr]),  # no peer id is that long
+             *[Message.Peer(id=bytes([i]) * 34) for i in range(100)]]
+    data = Message(type=Message.MessageType.FIND_NODE, closerPeers=peers).SerializeToString()
+    found = closer_peers(data)
+    assert len(found) == 39  # the first 40 entries, the oversized id dropped
+    assert [str(a) for a in found[0].addrs] == ["/ip4/10.0.0.1/tcp/4001"]  # junk dropped
+    with pytest.raises(ProtocolError, match="MALFORMED"):
+        closer_peers(b"\xff" * 20)
+    point = routing_key(ID(b"\x00\x24" + bytes(36)))
+    for cpl in (0, 3, 9):
+        key = bucket_key(point, cpl)
+        got = int.from_bytes(hashlib.sha256(key).digest(), "big")
+        want = int.from_bytes(point, "big")
+        assert (got ^ want).bit_length() == 256 - cpl  # exactly cpl leading bits shared
 
 
 # ---------------------------------------------------------------------------- page

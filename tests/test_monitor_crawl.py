@@ -16,7 +16,7 @@ from specedge.protocol import hosts
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HOSTILE = {  # mode -> the error code the monitor must report
     "garbage": "MALFORMED", "wrong": "UNEXPECTED_MESSAGE", "invalid": "UNSUPPORTED_VERSION",
-    "huge": "TOO_LARGE", "silent": "TIMEOUT",
+    "huge": "TOO_LARGE", "silent": "TIMEOUT", "hangup": "STREAM_CLOSED",
 }
 
 
@@ -24,11 +24,12 @@ def peer_of(addrs: list[str]) -> str:
     return addrs[0].rsplit("/p2p/", 1)[1]
 
 
-async def crawler(boot: list[str], crawls: int, between=None):  # noqa: ANN001, ANN201
-    """Run `crawls` crawls from the bootstrap peer into a Swarm; `between(i, swarm)` runs
-    after crawl i. Returns the swarm and the last crawl."""
+async def crawler(boot: list[str], crawls: int, between=None,  # noqa: ANN001, ANN201
+                  also: list[str] = ()):  # noqa: B006
+    """Run `crawls` crawls from the bootstrap peer (and the peers `also` names) into a
+    Swarm; `between(i, swarm)` runs after crawl i. Returns the swarm and the last crawl."""
     swarm = Swarm(refresh_s=1.0)
-    start = [hosts.parse_peer_addr(a) for a in boot]
+    start = [hosts.parse_peer_addr(a) for a in [*boot, *also]]
     last = None
     async with hosts.running_host(create_new_key_pair(), [LOOPBACK]) as host:
         async with hosts.running_dht(host, server=False, bootstrap=boot) as dht:
@@ -47,10 +48,13 @@ def test_hostile_peers_are_flagged_and_cannot_stop_the_crawl_or_break_the_page()
         async with trio.open_nursery() as nursery:
             boot = await nursery.start(hosts.run_bootstrap_peer, create_new_key_pair(),
                                        [LOOPBACK])
-            peers = {}
+            peers, addrs = {}, {}
             for mode in ["good", "html", "kad-garbage", *HOSTILE]:
-                peers[mode] = peer_of(await nursery.start(pose, mode, boot))
-            swarm, last = await crawler(boot, 2)
+                addrs[mode] = await nursery.start(pose, mode, boot)
+                peers[mode] = peer_of(addrs[mode])
+            # The DHT vandal is a start peer: the bootstrap peer's table may refuse it, and
+            # the walk must meet it for sure.
+            swarm, last = await crawler(boot, 2, also=addrs["kad-garbage"][:1])
             nursery.cancel_scope.cancel()
         return boot, peers, swarm, last
 
