@@ -158,7 +158,11 @@ async def _read_some(stream: ReadStream, n: int, started: bool) -> bytes:
 
 
 async def _read_frame(stream: ReadStream, max_size: int) -> pb.Frame:
-    # The prefix is read a byte at a time so nothing past this frame is consumed.
+    return parse_frame(await _read_delimited(stream, max_size))
+
+
+async def _read_delimited(stream: ReadStream, max_size: int) -> bytes:
+    # The prefix is read a byte at a time so nothing past this record is consumed.
     prefix = bytearray()
     while True:
         prefix += await _read_some(stream, 1, started=bool(prefix))
@@ -171,7 +175,7 @@ async def _read_frame(stream: ReadStream, max_size: int) -> pb.Frame:
     body = bytearray()
     while len(body) < length:
         body += await _read_some(stream, length - len(body), started=True)
-    return parse_frame(bytes(body))
+    return bytes(body)
 
 
 async def read_frame(
@@ -188,6 +192,14 @@ async def read_frame(
         return await _read_frame(stream, max_size)
     # Only reached when the deadline cancelled the read.
     raise ProtocolError(ErrorCode.TIMEOUT, f"no complete frame within {timeout:g} s")
+
+
+async def read_delimited(stream: ReadStream, max_size: int, timeout: float) -> bytes:
+    """Read one uvarint-length-prefixed record of another protocol (e.g. libp2p's DHT),
+    with the same bounds and errors as ``read_frame`` but no parsing."""
+    with trio.move_on_after(timeout):
+        return await _read_delimited(stream, max_size)
+    raise ProtocolError(ErrorCode.TIMEOUT, f"no complete record within {timeout:g} s")
 
 
 async def write_frame(stream: WriteStream, frame: pb.Frame, timeout: float = WRITE_TIMEOUT) -> None:

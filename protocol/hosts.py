@@ -320,9 +320,12 @@ async def provide_forever(
 
 
 async def find_providers(
-    dht: KadDHT, key: str, *, count: int = 20, timeout: float = DHT_TIMEOUT
+    dht: KadDHT, key: str, *, count: int = 200, timeout: float = DHT_TIMEOUT
 ) -> list[PeerInfo]:
     """Providers of ``key``, each peer once, this host excluded; [] on failure.
+
+    ``count`` is generous: py-libp2p counts repeats of one provider towards it and stops
+    early (asking for 20 with 8 providers left 2 of them out, seen by the monitor).
 
     Provider records cannot be withdrawn: a listed peer may be dead. Check liveness
     (e.g. an advert query) before relying on one.
@@ -507,13 +510,15 @@ async def run_bootstrap_peer(
     bootstrap: Sequence[str | Multiaddr] = (),
     announce_file: str | os.PathLike[str] | None = None,
     stop: trio.Event | None = None,
+    service: Callable[[IHost, KadDHT], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A DHT-only peer that helps nodes and verifiers find each other.
 
     It serves the DHT (provider records) and nothing else. ``task_status.started``
     gets its full multiaddrs; with ``announce_file`` they are also written there once
-    it serves. Returns when ``stop`` is set (forever without one).
+    it serves. Returns when ``stop`` is set (forever without one). ``service``: a task
+    run beside the DHT on the same host until then (e.g. the network monitor).
     """
     stop = stop if stop is not None else trio.Event()
     async with running_host(key_pair, listen_addrs) as host:
@@ -539,6 +544,8 @@ async def run_bootstrap_peer(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(add_new_peers)
+                if service is not None:
+                    nursery.start_soon(service, host, dht)
                 await stop.wait()
                 nursery.cancel_scope.cancel()
 
@@ -557,8 +564,10 @@ def add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0)
 
 
-def cmd_bootstrap(args: argparse.Namespace) -> int:
-    """Run a bootstrap peer until SIGINT/SIGTERM; exit status 0."""
+def cmd_bootstrap(
+    args: argparse.Namespace, service: Callable[[IHost, KadDHT], Awaitable[None]] | None = None
+) -> int:
+    """Run a bootstrap peer (and ``service`` beside it) until SIGINT/SIGTERM; exit 0."""
     from specedge.protocol.identity import default_identity_path, load_or_create_identity
 
     configure_logging(args.verbose)
@@ -570,7 +579,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             await nursery.start(stopper.watch, nursery.cancel_scope)
             await run_bootstrap_peer(
                 key_pair, args.listen or [DEFAULT_LISTEN], bootstrap=args.bootstrap,
-                announce_file=args.announce_file, stop=stopper.event,
+                announce_file=args.announce_file, stop=stopper.event, service=service,
             )
             nursery.cancel_scope.cancel()
 

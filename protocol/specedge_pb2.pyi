@@ -231,7 +231,7 @@ class PassCost(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
 
 class Advertisement(_message.Message):
-    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size", "prefill_tokens_per_s", "mean_pass_micros", "sessions_open", "max_sessions", "queued_prefill_tokens", "pass_costs", "engine")
+    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size", "prefill_tokens_per_s", "mean_pass_micros", "sessions_open", "max_sessions", "queued_prefill_tokens", "pass_costs", "engine", "committed_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class Advertisement(_message.Message):
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PASS_COSTS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     max_batch_tokens: int
@@ -264,7 +265,8 @@ class Advertisement(_message.Message):
     queued_prefill_tokens: int
     pass_costs: _containers.RepeatedCompositeFieldContainer[PassCost]
     engine: str
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., mean_pass_micros: _Optional[int] = ..., sessions_open: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ..., engine: _Optional[str] = ...) -> None: ...
+    committed_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., mean_pass_micros: _Optional[int] = ..., sessions_open: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ..., engine: _Optional[str] = ..., committed_tokens: _Optional[int] = ...) -> None: ...
 
 class AdvertQuery(_message.Message):
     __slots__ = ("model_id",)

@@ -89,10 +89,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    """A DHT-only peer: it helps nodes and verifiers find each other and does nothing else."""
+    """A DHT-only peer that helps nodes and verifiers find each other (with --monitor, it
+    also serves the network monitor)."""
+    from specedge.monitor.cli import bootstrap_service
     from specedge.protocol.hosts import cmd_bootstrap as run_bootstrap
 
-    return run_bootstrap(args)
+    return run_bootstrap(args, service=bootstrap_service(args))
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from specedge.monitor.cli import cmd_monitor as run_monitor
+
+    return run_monitor(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -130,12 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-proactive", action="store_true",
                      help="do not draft the next tree while a verification is pending")
     gen.set_defaults(func=cmd_generate)
+    from specedge.monitor.cli import add_bootstrap_monitor_args, add_monitor_args
     from specedge.protocol.hosts import add_bootstrap_args
 
     boot = sub.add_parser("bootstrap", help="run a DHT-only peer that nodes and verifiers "
                           "bootstrap from (what a network operator runs on a public address)")
     add_bootstrap_args(boot)
+    add_bootstrap_monitor_args(boot)
     boot.set_defaults(func=cmd_bootstrap)
+
+    mon = sub.add_parser("monitor", help="crawl the network and serve a web page and JSON "
+                         "API of its verifiers, models, load and (with --ledger) leaderboard",
+                         description="Crawl the DHT from the bootstrap peers, ask every peer "
+                         "for its advertisement, and serve a self-refreshing web page and "
+                         "/api/state: models, verifiers (reachability, load, uptime, last "
+                         "seen), misbehaving peers, totals, throughput, and with --ledger a "
+                         "leaderboard and the cost per token.")
+    add_monitor_args(mon)
+    mon.set_defaults(func=cmd_monitor)
 
     demo = sub.add_parser("demo", help="start a verifier and two nodes on loopback and stream "
                           "a few generations (the demo pair; --tiny for the test pair)")

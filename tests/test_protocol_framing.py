@@ -12,6 +12,7 @@ from specedge.protocol.framing import (
     decode_frames,
     encode_frame,
     parse_frame,
+    read_delimited,
     read_frame,
     write_frame,
 )
@@ -127,6 +128,26 @@ def test_length_over_limit_is_refused_before_reading_the_body() -> None:
     assert _code(e) == ErrorCode.TOO_LARGE
     with pytest.raises(ProtocolError):
         decoder.feed(b"")  # a failed decoder stays failed
+
+
+def test_read_delimited_reads_one_raw_record_under_the_same_bounds() -> None:
+    """Another protocol's records (the DHT's): bytes back, nothing past the record read."""
+    body = b"\x08\x04not-a-frame"
+    stream = FakeStream(encode_uvarint(len(body)) + body + b"next", chunk=3)
+
+    async def main(limit: int, timeout: float) -> bytes:
+        with trio.fail_after(5):
+            return await read_delimited(stream, limit, timeout)
+
+    assert trio.run(main, 100, 5.0) == body and stream.pos == 1 + len(body)
+    stream = FakeStream(encode_uvarint(101) + b"\x00" * 101)
+    with pytest.raises(ProtocolError) as e:
+        trio.run(main, 100, 5.0)
+    assert _code(e) == ErrorCode.TOO_LARGE and stream.pos == 1
+    stream = FakeStream(encode_uvarint(50) + b"\x00" * 10, hang_at_end=True)
+    with pytest.raises(ProtocolError) as e:
+        trio.run(main, 100, 0.05)
+    assert _code(e) == ErrorCode.TIMEOUT
 
 
 def test_per_kind_limits() -> None:

@@ -68,7 +68,7 @@ def sample_messages() -> dict[str, object]:
             max_tree_tokens=64, vocab_size=256, prefill_tokens_per_s=812.5,
             mean_pass_micros=40_000, sessions_open=2, max_sessions=64,
             queued_prefill_tokens=300, pass_costs=[pb.PassCost(rows=1, micros=900)],
-            engine="torch/float32",
+            engine="torch/float32", committed_tokens=12345,
         ),
         "progress": pb.Progress(session_id=SID, seq=2, state=pb.Progress.PREFILLING,
                                 queue_position=3, done=64, total=100, eta_ms=2000),
@@ -276,7 +276,8 @@ def test_largest_valid_messages_fit_their_frame_limits() -> None:
         model_id=model, revision=wide * L.MAX_REVISION_CHARS, max_batch_tokens=L.MAX_BATCH_TOKENS,
         free_slots=L.MAX_FREE_SLOTS, queue_depth=L.MAX_QUEUE_DEPTH,
         mean_verify_micros=L.MAX_VERIFY_MICROS, protocol_version="1.999999.999999",
-        max_tree_tokens=n, vocab_size=L.MAX_VOCAB_SIZE,
+        max_tree_tokens=n, vocab_size=L.MAX_VOCAB_SIZE, sessions_open=L.MAX_FREE_SLOTS,
+        committed_tokens=u64,
     )
     validate_advertisement(advert)
     query = pb.AdvertQuery(model_id=model)

@@ -217,6 +217,8 @@ CASES: list[tuple[str, Callable[[], None], ErrorCode]] = [
      E.INVALID_PARAMETER),
     ("advert: huge tree", lambda: validate_advertisement(advert(max_tree_tokens=10**6)),
      E.INVALID_PARAMETER),
+    ("advert: more sessions than slots can be", lambda: validate_advertisement(
+        advert(sessions_open=2**16 + 1)), E.INVALID_PARAMETER),
     ("query: long model", lambda: validate_advert_query(pb.AdvertQuery(model_id="m" * 300)),
      E.TOO_LARGE),
     # Frames

@@ -54,9 +54,9 @@ the bonus token are committed and the bonus becomes the new pending token: exact
 
 Advert protocol ``/specedge/advert/1.0.0``: node -> ``Frame(advert_query=AdvertQuery)``;
 verifier -> ``Frame(advert=Advertisement)`` with live figures (free session slots, queue
-depth, mean submit-to-result time of recent requests, max batch tokens, max tree
-tokens, vocab size, model id and revision), or Error UNSUPPORTED_MODEL when the query
-names another model. One exchange per stream.
+depth, mean submit-to-result time of recent requests, open sessions, tokens committed
+since start, max batch tokens, max tree tokens, vocab size, model id and revision), or
+Error UNSUPPORTED_MODEL when the query names another model. One exchange per stream.
 
 Discovery: the verifier provides ``dht_key(model_id)`` on the Kademlia DHT and
 re-announces every ``REANNOUNCE_INTERVAL`` seconds.
@@ -583,6 +583,7 @@ class Verifier:
             max_sessions=min(self.config.max_sessions, MAX_SESSIONS),
             queued_prefill_tokens=min(self.scheduler.queued_prefill_rows(), MAX_QUEUE_DEPTH),
             engine=self.engine_name,
+            committed_tokens=self.metrics.committed_total,
         )
 
     async def _advert_handler(self, stream: INetStream) -> None:

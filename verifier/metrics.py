@@ -99,6 +99,8 @@ class VerifierMetrics:
             "start within --admit-wait", registry=r)
         self.receipts = Counter(p + "receipts", "Receipts handed to the ledger, by outcome",
                                 ["status"], registry=r)
+        # The committed-token count again as a plain int, for the advertisement.
+        self.committed_total = 0
 
     def record_store(self, store: BlockStore) -> None:
         """Bring the KV block figures up to date (counters by their growth since last)."""
@@ -138,6 +140,7 @@ class VerifierMetrics:
         """Count a verdict; an empty tree (a plain target step, such as a session's first
         token) commits a token but is no draft, so vLLM's draft counters skip it."""
         self.committed_tokens.inc(len(accepted) + 1)
+        self.committed_total += len(accepted) + 1  # the Advertisement's counter
         if not drafted:
             self.plain_steps.inc()
             return
