@@ -94,6 +94,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_paper(args: argparse.Namespace) -> int:
     from sims import paper
+    from sims import roofline as rl
     from sims.plots import plot_paper_scale, plot_pass_cost
     from sims.roofline import gpu_calibration
 
@@ -116,16 +117,21 @@ def cmd_paper(args: argparse.Namespace) -> int:
                  "pass_cost_ms": {"rows": list(paper.PASS_ROWS), **curves}}
     if args.scale_nodes:
         gpu = gpu_calibration(paper.project_setting(cpu=cpu))
+        big = gpu_calibration(paper.project_setting(rl.QWEN3_14B, rl.QWEN3_1_7B, cpu=cpu))
         nodes = tuple(int(n) for n in args.scale_nodes.split(","))
-        durations = {"cpu": (args.cpu_duration, args.cpu_duration / 3),
-                     "gpu": (args.gpu_duration, args.gpu_duration / 3)}
-        scale = paper.scale_rows({"cpu": cpu, "gpu": gpu}, nodes, durations, args.jobs)
+        cpu_d, gpu_d = (args.cpu_duration, args.cpu_duration / 3), (args.gpu_duration,
+                                                                     args.gpu_duration / 3)
+        cals = {"cpu 1.5B": cpu, "gpu 1.5B": gpu, "gpu 14B": big}
+        durations = {"cpu 1.5B": cpu_d, "gpu 1.5B": gpu_d, "gpu 14B": gpu_d}
+        scale = paper.scale_rows(cals, nodes, durations, args.jobs)
         ratios = paper.scale_ratios(scale)
-        print("\nload per verifier: CPU bench calibration vs the same models and acceptance on "
-              "GPUs (A100 verifier, RTX 4090 edges, CUDA graphs)")
+        print("\nload per verifier, chain:4 and the CPU bench's acceptance throughout: the CPU "
+              "bench's calibration (1.5B: the demo pair), the same pair on GPUs (A100 "
+              "verifier, RTX 4090 edges, CUDA graphs), and Qwen3-14B / 1.7B on them")
         print(paper.scale_table(ratios))
         pngs.append(plot_paper_scale(scale, out / "paper_scale.png"))
-        doc.update(scale=scale, scale_ratios=ratios, gpu_calibration=gpu.summary())
+        doc.update(scale=scale, scale_ratios=ratios,
+                   gpu_calibrations={"gpu 1.5B": gpu.summary(), "gpu 14B": big.summary()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     print(f"\n{time.perf_counter() - t0:.0f} s; wrote", out / "paper.json", *pngs)

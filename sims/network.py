@@ -300,6 +300,13 @@ class Verifier:
             yield self.wake
             self.wake = None
 
+    def leave(self) -> None:
+        """A session closes (done, or moving to another verifier). A static batch waiting
+        for more sessions than remain must hear of it."""
+        self.sessions -= 1
+        if self.sim.sc.min_batch and self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+
     def forget(self, session: int) -> None:
         self.rhythms.pop(session, None)
 
@@ -606,7 +613,7 @@ class Simulation:
                     # so far and send the same tree again: nothing accepted is lost.
                     rec.failovers += 1
                     rec.edge(ready, min(ready + bet, env.now))
-                    verifier.sessions -= 1
+                    verifier.leave()
                     verifier.forget(index)
                     verifier, ready = yield from self.open_session(
                         link, req.prompt + req.generated, env.now)
@@ -636,7 +643,7 @@ class Simulation:
                     rec.edge(stop, stop + d)
                     ready = stop + d
             rec.finish(req)
-            verifier.sessions -= 1
+            verifier.leave()
             verifier.forget(index)
 
     def node_shared(self, index: int, core: SharedCore) -> Generator[simpy.Event, Any, None]:
@@ -669,7 +676,7 @@ class Simulation:
                     if bet is not None:
                         core.cut(bet, step)
                         yield from core.wait(bet, rec)
-                    verifier.sessions -= 1
+                    verifier.leave()
                     verifier.forget(index)
                     verifier, t = yield from self.open_session(
                         link, req.prompt + req.generated, env.now)
@@ -693,7 +700,7 @@ class Simulation:
                     rec.hits += hit
                 yield from core.work(rest if hit else self.draft_s(self.depth), CRITICAL, rec)
             rec.finish(req)
-            verifier.sessions -= 1
+            verifier.leave()
             verifier.forget(index)
 
     def open_session(self, link: Link, tokens: int, at: float
@@ -711,7 +718,7 @@ class Simulation:
             if ok:
                 return verifier, self.env.now + self.one_way(link)
             self.rec.failovers += 1
-            verifier.sessions -= 1
+            verifier.leave()
             at = self.env.now
 
     def kill_verifiers(self, at: float, count: int) -> Generator[simpy.Event, Any, None]:

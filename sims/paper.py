@@ -337,11 +337,11 @@ def pass_table(curves: dict[str, list[float]]) -> str:
 
 
 def scale_table(ratios: list[dict[str, Any]]) -> str:
-    head = (f"{'calibration':<5} {'nodes':>5} {'series':<24} {'SE tok/busy-s':>13} "
+    head = (f"{'calibration':<11} {'nodes':>5} {'series':<24} {'SE tok/busy-s':>13} "
             f"{'vs SO':>6} {'vs AR':>6} {'rows/pass':>9} {'ITL p50':>8} {'AR ITL':>7}")
     lines = [head, "-" * len(head)]
     for r in ratios:
-        lines.append(f"{r['calibration']:<5} {r['nodes']:>5} {r['series']:<24} "
+        lines.append(f"{r['calibration']:<11} {r['nodes']:>5} {r['series']:<24} "
                      f"{r['specedge_tps']:>13.1f} {r['vs_server_only']:>6.2f} "
                      f"{r['vs_autoregressive']:>6.2f} {r['rows_per_pass']:>9.1f} "
                      f"{r['itl_ms_p50']:>8.1f} {r['ar_itl_ms_p50']:>7.1f}")

@@ -98,7 +98,7 @@ def plot_paper_scale(rows: list[dict[str, Any]], path: Path) -> Path:
     """Server tokens per busy second against nodes per verifier, one panel per
     calibration, one line per mode."""
     cals = list(dict.fromkeys(r["calibration"] for r in rows))
-    fig, axes = plt.subplots(1, len(cals), figsize=(6 * len(cals), 4), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(1, len(cals), figsize=(5 * len(cals), 4), dpi=90, squeeze=False)
     for ax, cal in zip(axes[0], cals, strict=True):
         mine = [r for r in rows if r["calibration"] == cal]
         for i, series in enumerate(dict.fromkeys(r["series"] for r in mine)):
