@@ -95,10 +95,10 @@ bench_ready() { "$PY" -c "$BENCH_MODULES" 2>/dev/null; }
 if [ "$DRY" = 0 ] && [ "$SKIP_BENCH" = 0 ] && ! bench_ready; then
   if [ -d .whl ]; then
     note "installing the bench's dependencies from ./.whl"
-    "$PY" -m pip install -q --no-index --find-links .whl -e . >"$WORK/deps.log" 2>&1
-  else
+    timeout 120 "$PY" -m pip install -q --no-index --find-links .whl -e . >"$WORK/deps.log" 2>&1
+  else  # bounded: libp2p pulls ~70 packages and compiles fastecdsa (needs libgmp-dev)
     note "installing the bench's dependencies from the package index"
-    "$PY" -m pip install -q --timeout 20 --retries 1 -e . >"$WORK/deps.log" 2>&1
+    timeout 180 "$PY" -m pip install -q --timeout 20 --retries 1 -e . >"$WORK/deps.log" 2>&1
   fi
   bench_ready || { SKIP_BENCH=1; note "bench skipped: the network stack is not installable here (no internet and no ./.whl)"; }
 fi
