@@ -133,6 +133,11 @@ step pass_cost "$BUDGET_PASS" "$PY" -m bench.pass_cost --device "$DEVICE" --mode
   --dtype "$DTYPE" --rows "$ROWS" --repeats "$REPEATS" --context "$CONTEXT" \
   --max-seconds $((BUDGET_PASS - 30)) \
   --json "$WORK/pass_cost.json"
+LEFT=$((470 - SECONDS))  # the whole check in under 8 minutes, setup included
+[ "$LEFT" -lt "$BUDGET_BENCH" ] && BUDGET_BENCH=$LEFT
+if [ "$SKIP_BENCH" = 0 ] && [ "$BUDGET_BENCH" -lt 90 ]; then
+  SKIP_BENCH=1; note "bench skipped: only ${BUDGET_BENCH} s left of the 8 minutes"
+fi
 if [ "$SKIP_BENCH" = 0 ]; then
   step bench "$BUDGET_BENCH" "$PY" -m specedge.cli bench --quick --device "$DEVICE" \
     --target-model "$TARGET" --draft-model "$DRAFT" --dtype "$DTYPE" --max-new-tokens 48 \
