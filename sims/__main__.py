@@ -1,7 +1,8 @@
-"""Command line: `python -m sims validate|scale|fake-bench|run` (from the repository root).
+"""Command line: `python -m sims validate|scale|paper|fake-bench|run` (from the repository root).
 
     python -m sims validate --bench bench.json     # simulated vs measured, exit 1 past 15%
     python -m sims scale [--calibration bench.json] [--out sims/out]
+    python -m sims paper [--out sims/out]            # the SpecEdge paper's GPU setting
     python -m sims fake-bench --out /tmp/fake.json [--perturb 0.3]
     python -m sims run --mode specedge --nodes 64 --verifiers 4 --duration 120
 """
@@ -91,6 +92,52 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paper(args: argparse.Namespace) -> int:
+    from sims import paper
+    from sims import roofline as rl
+    from sims.plots import plot_paper_scale, plot_pass_cost
+    from sims.roofline import gpu_calibration
+
+    t0 = time.perf_counter()
+    batches = tuple(int(b) for b in args.batches.split(","))
+    print("The SpecEdge paper's setting, simulated from a GPU roofline\n")
+    print("\n".join(paper.setting_lines(paper.paper_setting())))
+    rows = paper.paper_rows(batches, args.duration, args.warmup, args.seeds, args.jobs)
+    print(f"\nheadline: batch 1, two edges ({args.seeds} seeds x {args.duration:g} s simulated)")
+    print(paper.comparison_table(rows[0]))
+    print("\nvariants (tput, cost: SpecEdge over server-only; busy: verifier busy fraction)")
+    print(paper.variants_table(rows))
+    cpu = paper.default_cpu(args.calibration)
+    curves = paper.pass_curves(cpu)
+    print("\nwhere the CPU and GPU cases part: target pass cost by rows")
+    print(paper.pass_table(curves))
+    out = Path(args.out)
+    pngs = [plot_pass_cost(paper.PASS_ROWS, curves, out / "paper_pass_cost.png")]
+    doc: dict = {"paper": paper.PAPER, "headline": rows[0], "variants": rows,
+                 "pass_cost_ms": {"rows": list(paper.PASS_ROWS), **curves}}
+    if args.scale_nodes:
+        gpu = gpu_calibration(paper.project_setting(cpu=cpu))
+        big = gpu_calibration(paper.project_setting(rl.QWEN3_14B, rl.QWEN3_1_7B, cpu=cpu))
+        nodes = tuple(int(n) for n in args.scale_nodes.split(","))
+        cpu_d, gpu_d = (args.cpu_duration, args.cpu_duration / 3), (args.gpu_duration,
+                                                                     args.gpu_duration / 3)
+        cals = {"cpu 1.5B": cpu, "gpu 1.5B": gpu, "gpu 14B": big}
+        durations = {"cpu 1.5B": cpu_d, "gpu 1.5B": gpu_d, "gpu 14B": gpu_d}
+        scale = paper.scale_rows(cals, nodes, durations, args.jobs)
+        ratios = paper.scale_ratios(scale)
+        print("\nload per verifier, chain:4 and the CPU bench's acceptance throughout: the CPU "
+              "bench's calibration (1.5B: the demo pair), the same pair on GPUs (A100 "
+              "verifier, RTX 4090 edges, CUDA graphs), and Qwen3-14B / 1.7B on them")
+        print(paper.scale_table(ratios))
+        pngs.append(plot_paper_scale(scale, out / "paper_scale.png"))
+        doc.update(scale=scale, scale_ratios=ratios,
+                   gpu_calibrations={"gpu 1.5B": gpu.summary(), "gpu 14B": big.summary()})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paper.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"\n{time.perf_counter() - t0:.0f} s; wrote", out / "paper.json", *pngs)
+    return 0
+
+
 def cmd_fake_bench(args: argparse.Namespace) -> int:
     from sims.validation import fake_bench, write_json
 
@@ -137,6 +184,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--verifiers", type=int, default=100)
     s.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
     s.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("paper", help="the SpecEdge paper's GPU setting: table and PNGs")
+    p.add_argument("--out", default="sims/out")
+    p.add_argument("--duration", type=float, default=60.0, help="simulated s per paper run")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--seeds", type=int, default=3, help="seeds averaged per paper figure")
+    p.add_argument("--batches", default="1,2,4,8", help="verifier batch sizes (2 edges each)")
+    p.add_argument("--calibration", help="CPU bench JSON (default: sims/bench_cpu_full.json)")
+    p.add_argument("--scale-nodes", default="1,4,16,64,100,256",
+                   help="nodes per verifier for the CPU/GPU load sweep ('' skips it)")
+    p.add_argument("--cpu-duration", type=float, default=600.0)
+    p.add_argument("--gpu-duration", type=float, default=30.0)
+    p.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_paper)
 
     f = sub.add_parser("fake-bench", help="a bench JSON made by the simulation (for tests)")
     f.add_argument("--out", required=True)

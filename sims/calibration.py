@@ -111,6 +111,10 @@ class Calibration:
     # One batched draft-model pass on the server (server-only), ms at one row; None: derived
     # from server_draft_tree_ms by `sims.network.server_draft_pass_ms`.
     server_draft_pass: float | None = None
+    # The baselines' target pass by rows, when their server runs the target differently
+    # from the verifier (the SpecEdge reference runs server-only eagerly, its verifier in
+    # CUDA graphs); None: the same passes as the verifier (`target`).
+    baseline: Curve | None = None
     bench_streams: tuple[int, ...] = (1,)  # the K values the bench ran
     prompt_tokens: int = 64  # mean prompt length of the workload
     max_new_tokens: int = 64  # tokens generated per request
@@ -128,6 +132,12 @@ class Calibration:
         if rows <= 0:
             return 0.0
         return (self.target or self.verify)(rows)
+
+    def baseline_pass_ms(self, rows: int) -> float:
+        """One target pass of a baseline server (autoregressive, server-only)."""
+        if rows <= 0:
+            return 0.0
+        return (self.baseline or self.target or self.verify)(rows)
 
     def pass_shape(self, rows: int) -> float:
         """How much a pass of `rows` rows costs relative to a one-row pass, from the target's

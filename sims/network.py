@@ -72,6 +72,9 @@ class Scenario:
     max_batch_tokens: int = 1024  # a verifier pass takes ready requests up to this
     prefill_chunk: int = 512  # prefill runs in chunks of this many tokens, one per pass
     batch_wait: float = 1.5  # a free verifier holds for sessions due within this many passes
+    # Static batching (the SpecEdge reference server): a pass waits until this many
+    # messages are queued, or as many as there are open sessions; 0: off.
+    min_batch: int = 0
     fail_fraction: float = 0.0  # verifiers that die at `fail_at_s`
     fail_at_s: float | None = None  # None: half way through the run
     detect_timeout_s: float = 2.0  # a node gives a silent verifier this long
@@ -273,6 +276,9 @@ class Verifier:
 
     def gather(self) -> Generator[simpy.Event, Any, None]:
         env = self.sim.env
+        if self.sim.sc.min_batch:
+            yield from self.gather_static(self.sim.sc.min_batch)
+            return
         hold = self.sim.sc.batch_wait * self.mean_pass_s
         deadline = env.now + hold
         due = self.due_by(deadline) if hold > 0 else []
@@ -286,6 +292,20 @@ class Verifier:
             if env.now >= until:
                 break
             due = self.due_by(deadline)
+
+    def gather_static(self, size: int) -> Generator[simpy.Event, Any, None]:
+        """Wait for `size` queued messages (fewer when fewer sessions are open)."""
+        while self.alive and len(self.queue) < min(size, self.sessions):
+            self.wake = self.sim.env.event()
+            yield self.wake
+            self.wake = None
+
+    def leave(self) -> None:
+        """A session closes (done, or moving to another verifier). A static batch waiting
+        for more sessions than remain must hear of it."""
+        self.sessions -= 1
+        if self.sim.sc.min_batch and self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
 
     def forget(self, session: int) -> None:
         self.rhythms.pop(session, None)
@@ -593,7 +613,7 @@ class Simulation:
                     # so far and send the same tree again: nothing accepted is lost.
                     rec.failovers += 1
                     rec.edge(ready, min(ready + bet, env.now))
-                    verifier.sessions -= 1
+                    verifier.leave()
                     verifier.forget(index)
                     verifier, ready = yield from self.open_session(
                         link, req.prompt + req.generated, env.now)
@@ -623,7 +643,7 @@ class Simulation:
                     rec.edge(stop, stop + d)
                     ready = stop + d
             rec.finish(req)
-            verifier.sessions -= 1
+            verifier.leave()
             verifier.forget(index)
 
     def node_shared(self, index: int, core: SharedCore) -> Generator[simpy.Event, Any, None]:
@@ -656,7 +676,7 @@ class Simulation:
                     if bet is not None:
                         core.cut(bet, step)
                         yield from core.wait(bet, rec)
-                    verifier.sessions -= 1
+                    verifier.leave()
                     verifier.forget(index)
                     verifier, t = yield from self.open_session(
                         link, req.prompt + req.generated, env.now)
@@ -680,7 +700,7 @@ class Simulation:
                     rec.hits += hit
                 yield from core.work(rest if hit else self.draft_s(self.depth), CRITICAL, rec)
             rec.finish(req)
-            verifier.sessions -= 1
+            verifier.leave()
             verifier.forget(index)
 
     def open_session(self, link: Link, tokens: int, at: float
@@ -698,7 +718,7 @@ class Simulation:
             if ok:
                 return verifier, self.env.now + self.one_way(link)
             self.rec.failovers += 1
-            verifier.sessions -= 1
+            verifier.leave()
             at = self.env.now
 
     def kill_verifiers(self, at: float, count: int) -> Generator[simpy.Event, Any, None]:
@@ -741,10 +761,9 @@ class Simulation:
 
         Autoregressive: a pass holds a prefill chunk for each new stream (no token) and one
         decode row for each prefilled one. Server-only: new streams' prefill chunks ride
-        in the verify pass; the prefilled streams first get batched draft-model passes
-        (a catch-up row when the whole chain was accepted, or the prompt for a new
-        stream, then one row per draft token) until each has its chain, then one target
-        pass verifies every chain (tree + pending token rows per stream). A finished
+        in the verify pass; the prefilled streams first get their drafts
+        (`server_drafts`), then one target pass verifies every tree (tree + pending token
+        rows per stream), priced by the baseline's pass curve. A finished
         stream takes its next request before the next pass."""
         env, cal, sc, rec = self.env, self.cal, self.sc, self.rec
         ar = sc.mode == "autoregressive"
@@ -775,23 +794,10 @@ class Simulation:
             ready = [s for s in active if s.target_fill == 0]
             fill_rows = {s.index: min(s.target_fill, chunk) for s in filling}
             if not ar:
-                while ready and min(s.drafted for s in ready) < chain:
-                    rows = 0
-                    for s in ready:
-                        if s.drafted >= chain:
-                            continue
-                        if s.draft_fill > 0:
-                            n = min(s.draft_fill, chunk)
-                            s.draft_fill -= n
-                            rows += n
-                        else:
-                            s.drafted += 1
-                            rows += 1
-                    yield from self.pass_(draft_ms * cal.pass_shape(rows), target=False)
-                    rec.batch_tokens += rows
+                yield from self.server_drafts(ready, draft_ms)
             per = 1 if ar else chain + 1
             rows = sum(fill_rows.values()) + per * len(ready)
-            yield from self.pass_(cal.pass_ms(rows))
+            yield from self.pass_(cal.baseline_pass_ms(rows))
             rec.batch_tokens += rows
             for s in filling:
                 s.target_fill -= fill_rows[s.index]
@@ -814,6 +820,43 @@ class Simulation:
                     self.next_request(s)
                     if s.req is None:
                         active.remove(s)
+
+    def server_drafts(self, ready: list[Stream], draft_ms: float
+                      ) -> Generator[simpy.Event, Any, None]:
+        """Server-only: draft a tree for every ready stream, in batched draft-model passes.
+
+        With a measured (or roofline) batch drafting curve, one phase of
+        `server_draft_ms(streams)` plus a pass for any draft prefill. Otherwise passes of
+        `draft_ms` scaled by the row shape: a catch-up row or the prompt for a stream that
+        needs one, then `depth` passes of tree / depth rows per stream (a chain: one row)."""
+        cal, rec, chunk = self.cal, self.rec, self.sc.prefill_chunk
+        tree = cal.tree_tokens
+        if cal.server_draft is not None:
+            fill = sum(s.draft_fill for s in ready)
+            ms = cal.server_draft_ms(len(ready))
+            if fill:
+                ms += draft_ms * cal.pass_shape(fill)
+            for s in ready:
+                s.draft_fill, s.drafted = 0, tree
+            yield from self.pass_(ms, target=False)
+            rec.batch_tokens += fill + tree * len(ready)
+            return
+        step = math.ceil(tree / self.depth)
+        while ready and min(s.drafted for s in ready) < tree:
+            rows = 0
+            for s in ready:
+                if s.drafted >= tree:
+                    continue
+                if s.draft_fill > 0:
+                    n = min(s.draft_fill, chunk)
+                    s.draft_fill -= n
+                    rows += n
+                else:
+                    n = min(step, tree - s.drafted)
+                    s.drafted += n
+                    rows += n
+            yield from self.pass_(draft_ms * cal.pass_shape(rows), target=False)
+            rec.batch_tokens += rows
 
     # -- running ----------------------------------------------------------------------
 

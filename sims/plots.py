@@ -67,3 +67,55 @@ def plot_all(rows: list[dict[str, Any]], out: Path, source: str) -> list[Path]:
             title = f"SpecEdge simulation: {sweep} sweep (calibration: {source})"
             written.append(plot_sweep(rows, sweep, out / f"scale_{sweep}.png", title))
     return written
+
+
+def plot_pass_cost(rows: tuple[int, ...], curves: dict[str, list[float]], path: Path) -> Path:
+    """Pass cost against rows: absolute, and relative to a one-row pass (where the CPU and
+    GPU cases part: proportional to rows on a CPU, flat up to the compute roof on a GPU)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=90)
+    for i, (name, ys) in enumerate(curves.items()):
+        style = dict(marker="o", ms=3, label=name, color=f"C{i}")
+        axes[0].plot(rows, ys, **style)
+        axes[1].plot(rows, [y / ys[0] for y in ys], **style)
+    axes[1].plot(rows, [r / rows[0] for r in rows], ls=":", color="gray", label="proportional")
+    for ax, title in zip(axes, ("ms per pass", "pass cost / one-row pass"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rows in the pass (tokens of all its sequences)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Target pass cost by rows: CPU measured vs GPU roofline", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_paper_scale(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Server tokens per busy second against nodes per verifier, one panel per
+    calibration, one line per mode."""
+    cals = list(dict.fromkeys(r["calibration"] for r in rows))
+    fig, axes = plt.subplots(1, len(cals), figsize=(5 * len(cals), 4), dpi=90, squeeze=False)
+    for ax, cal in zip(axes[0], cals, strict=True):
+        mine = [r for r in rows if r["calibration"] == cal]
+        for i, series in enumerate(dict.fromkeys(r["series"] for r in mine)):
+            pts = sorted((r["nodes"], r["server_throughput_tps"]) for r in mine
+                         if r["series"] == series)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4, label=series,
+                    color=COLORS.get(series, f"C{i + 3}"),
+                    ls="--" if "hold" in series else "-")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("edge nodes (users) per verifier (server)", fontsize=8)
+        ax.set_title(f"{cal}: server tokens per busy second", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -172,16 +172,18 @@ def test_every_token_counted_once(mode):
        chunk=st.sampled_from([4, 512]), proactive=st.booleans(),
        wait=st.sampled_from([0.0, 1.5, 4.0]),
        fail=st.sampled_from([0.0, 0.5]), fail_at=st.floats(0.0, 20.0),
-       shared=st.booleans(), seed=st.integers(0, 1000))
+       shared=st.booleans(), min_batch=st.sampled_from([0, 0, 2, 5]),
+       seed=st.integers(0, 1000))
 def test_conservation_holds_for_any_small_scenario(mode, nodes, verifiers, requests, max_new,
                                                    scale, budget, chunk, proactive, wait,
-                                                   fail, fail_at, shared, seed):
+                                                   fail, fail_at, shared, min_batch, seed):
     """Every request gets exactly its tokens, whatever the batching, acceptance, proactive
     drafting or verifier deaths (SpecEdge) do along the way."""
     sc = Scenario(mode=mode, nodes=nodes, verifiers=verifiers, requests_per_node=requests,
                   max_new_tokens=max_new, acceptance_scale=scale, max_batch_tokens=budget,
                   prefill_chunk=chunk, proactive=proactive, batch_wait=wait, fail_fraction=fail,
-                  fail_at_s=fail_at, shared_draft_core=shared, seed=seed, prompt_tokens=16)
+                  fail_at_s=fail_at, shared_draft_core=shared, min_batch=min_batch, seed=seed,
+                  prompt_tokens=16)
     r = simulate(sc)
     assert r.per_request_tokens == [max_new] * (nodes * requests)
     assert r.tokens_total == r.tokens == nodes * requests * max_new
