@@ -227,6 +227,7 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
     accepted = d["specedge_spec_decode_num_accepted_tokens_total"]
     drafts = d["specedge_spec_decode_num_drafts_total"]
     ttft = [r["time_to_first_token_ms"] for r in results.values() if r["time_to_first_token_ms"]]
+    opens = [r["open_wait_ms"] for r in results.values() if r.get("open_wait_ms") is not None]
     itl = [r["inter_token_latency_ms"] for r in results.values() if r["inter_token_latency_ms"]]
     return {
         "mode": "specedge", "streams": k, "requests": len(results), "tokens": tokens,
@@ -235,7 +236,12 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         "server_throughput_tps": round(tokens / busy, 3) if busy else None,
         "throughput_tps": round(tokens / wall, 3),
         "itl_ms_p50": percentile(itl, 0.5), "itl_ms_p95": percentile(itl, 0.95),
-        "ttft_ms_p50": percentile(ttft, 0.5),
+        "ttft_ms_p50": percentile(ttft, 0.5), "ttft_ms_p95": percentile(ttft, 0.95),
+        # Asking for a session until a verifier admitted it (BUSY waits included).
+        "open_wait_ms": {"p50": percentile(opens, 0.5), "p95": percentile(opens, 0.95),
+                         "max": max(opens) if opens else None},
+        "first_token_from_prefill": sum(bool(r.get("first_token_from_prefill"))
+                                        for r in results.values()),
         "acceptance": round(accepted / drafted, 4) if drafted else None,
         "mean_accepted_length": round(accepted / drafts, 4) if drafts else None,
         "proactive_hit_rate": round(hits / bets, 4) if bets else None,
@@ -410,6 +416,10 @@ def print_table(report: dict) -> None:
     for name, per_k in report["ratios"].items():
         console.print(f"{name}: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in per_k.items()))
     console.print(f"outputs equal to autoregressive: {report['outputs_equal_to_autoregressive']}")
+    for k, r in sorted(report["modes"].get("specedge", {}).items(), key=lambda x: int(x[0])):
+        if r.get("open_wait_ms"):
+            console.print(f"specedge K={k}: session open wait {r['open_wait_ms']}, first token "
+                          f"from the prefill in {r.get('first_token_from_prefill')} requests")
     gaps = [abs(r["fp32_logit_gap"]) for rows in report.get("divergences", {}).values()
             for r in rows if "fp32_logit_gap" in r]
     if gaps:
@@ -439,6 +449,12 @@ def ratios(modes: dict) -> dict:
                 itl[k] = round(1 - row["itl_ms_p50"] / other["itl_ms_p50"], 4)
     out["cost_efficiency_vs_server_only"] = cost
     out["itl_reduction_vs_server_only"] = itl
+    ttft = {}
+    for k, row in spec.items():
+        other = modes.get("autoregressive", {}).get(k)
+        if other and other.get("ttft_ms_p50") and row.get("ttft_ms_p50"):
+            ttft[k] = round(row["ttft_ms_p50"] / other["ttft_ms_p50"], 3)
+    out["ttft_vs_autoregressive"] = ttft
     return out
 
 

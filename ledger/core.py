@@ -591,6 +591,20 @@ class Ledger:
         with self._read() as conn:
             return [Balance(a, int(t), int(d), int(v), int(n)) for a, t, d, v, n in conn.execute(q)]
 
+    def earned_buckets(self, account: str, bucket_ms: int = 3_600_000) -> list[tuple[int, int]]:
+        """An account's credit by receipt time, in buckets of `bucket_ms`: (bucket start,
+        credit). What a verifier's standing decays over (verifier/standing.py)."""
+        bucket = (receipts.c.unix_ms // bucket_ms) * bucket_ms
+        q = (
+            select(bucket, func.sum(credit_entries.c.amount))
+            .select_from(credit_entries.join(receipts,
+                                             receipts.c.id == credit_entries.c.receipt_pk))
+            .where(credit_entries.c.account == account)
+            .group_by(bucket)
+        )
+        with self._read() as conn:
+            return [(int(at), int(amount)) for at, amount in conn.execute(q)]
+
     def receipts(
         self,
         *,

@@ -149,6 +149,14 @@ class SpoolingLedger:
     def _down(self) -> None:
         self._next_try = time.monotonic() + self.retry_interval
 
+    def earned_buckets(self, account: str) -> list[tuple[int, int]]:
+        """The account's credit by hour (see Ledger.earned_buckets); LedgerUnavailable
+        while the database is down (receipts still spooled are not counted yet)."""
+        ledger = self._connect()
+        if ledger is None:
+            raise LedgerUnavailable("the ledger database is unreachable")
+        return ledger.earned_buckets(account)
+
     # ------------------------------------------------------------ ingest
 
     def ingest(self, receipt_envelope: bytes, request_envelope: bytes) -> IngestResult:

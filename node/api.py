@@ -385,6 +385,7 @@ def _extra(gen: NodeGeneration) -> dict:
             "first_token_from_prefill": s.first_token_from_prefill,
             "first_guess_hit": s.first_guess_hit,
             "draft_prefix_reused": s.draft_prefix_reused,
+            "open_wait_ms": s.open_wait_ms,
             "time_to_first_token_ms": s.time_to_first_token_ms,
             "inter_token_latency_ms": s.inter_token_latency_ms,
             "token_ids": gen.token_ids}

@@ -71,6 +71,7 @@ class SessionRequest:
     params: SamplingParams
     max_new_tokens: int
     revision: str = ""
+    standing: bytes = b""  # a StandingStatement envelope to present (see discovery)
 
     def message(self, progress: bool = True) -> pb.OpenSession:
         p = self.params
@@ -83,6 +84,7 @@ class SessionRequest:
             client_version=PROTOCOL_VERSION,
             max_new_tokens=self.max_new_tokens,
             progress=progress,
+            standing=self.standing,
         )
 
 

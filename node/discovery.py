@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -31,6 +31,7 @@ from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.envelopes import open_statement
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.ids import (
@@ -129,8 +130,8 @@ async def probe(host: IHost, info: PeerInfo, model_id: str,
     start = time.perf_counter()
     stream = await open_stream(host, info, ADVERT_PROTOCOL, timeout)
     try:
-        await write_frame(stream, pb.Frame(advert_query=pb.AdvertQuery(model_id=model_id)),
-                          timeout=timeout)
+        query = pb.AdvertQuery(model_id=model_id, want_standing=True)
+        await write_frame(stream, pb.Frame(advert_query=query), timeout=timeout)
         frame = await read_frame(stream, timeout=timeout)
         expect(frame, "advert")
         validate_advertisement(frame.advert)
@@ -185,6 +186,9 @@ class VerifierPool:
         # blocks: the next turn goes where its KV cache is (prefix-aware routing).
         self.affinity: OrderedDict[bytes, str] = OrderedDict()
         self._affinity_key = model_key("routing", model_id)
+        # Statements of this node's standing that verifiers signed (issuer -> envelope,
+        # earned), presented to verifiers that accept their issuer.
+        self.statements: dict[str, tuple[bytes, float]] = {}
 
     # -- discovery ---------------------------------------------------------------
 
@@ -222,6 +226,7 @@ class VerifierPool:
                         dead[peer] = str(exc)
                     return
                 alive.append(Candidate(info, advert, rtt, source, time.monotonic()))
+                self._keep_statement(peer, advert)
 
             async with trio.open_nursery() as nursery:
                 for peer, (info, source) in found.items():
@@ -296,7 +301,8 @@ class VerifierPool:
         for cand in self._order(request.prompt, avoid):
             try:
                 stream = await open_stream(self.host, cand.info, VERIFY_PROTOCOL)
-                session = await Session.open(stream, cand.peer, self.identity, request,
+                offer = replace(request, standing=self._statement_for(cand))
+                session = await Session.open(stream, cand.peer, self.identity, offer,
                                              cand.liveness(self.silence_timeout))
             except (ProtocolError, ConnectionError) as exc:
                 reasons.append(f"{cand.peer}: {exc}")
@@ -308,6 +314,24 @@ class VerifierPool:
             session.on_end = lambda peer=cand.peer: self.released(peer)
             return session
         return None
+
+    def _keep_statement(self, verifier: str, advert: pb.Advertisement) -> None:
+        """Keep the verifier's signed statement of our standing, if it is one (signed by
+        that verifier, about us); anything else is dropped."""
+        if not advert.standing_statement:
+            return
+        try:
+            _, st = open_statement(bytes(advert.standing_statement))
+        except ProtocolError:
+            return
+        if st.issuer_peer_id == verifier and st.node_peer_id == self.host.get_id().to_base58():
+            self.statements[verifier] = (bytes(advert.standing_statement), st.earned)
+
+    def _statement_for(self, cand: Candidate) -> bytes:
+        """The best statement `cand` says it accepts (none: b"")."""
+        usable = [self.statements[i] for i in cand.advert.standing_issuers
+                  if i in self.statements and i != cand.peer]
+        return max(usable, key=lambda s: s[1])[0] if usable else b""
 
     def served(self, tokens: Sequence[int], verifier: str) -> None:
         """`verifier` holds the KV of `tokens` now: remember it for a follow-up turn."""

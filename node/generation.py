@@ -78,6 +78,7 @@ class NodeStats(GenerationStats):
     first_token_from_prefill: bool = False  # the first token came with the verifier's prefill
     first_guess_hit: bool | None = None  # the draft's bet on that token was right
     draft_prefix_reused: int = 0  # prompt tokens the draft model took from its KV store
+    open_wait_ms: float | None = None  # asking for the first session until it was admitted
     time_to_first_token_ms: float | None = None
     inter_token_latency_ms: float | None = None
     mean_round_trip_ms: float | None = None
@@ -226,6 +227,7 @@ class _Run:
         vocabulary mismatch: the caller looks for another)."""
         request = SessionRequest(self.model_id, list(self.committed), self.params,
                                  self.max_new_tokens - len(self.out.tokens))
+        t0 = time.perf_counter()
         try:
             session = await self.connector.open_session(request, self.avoid)
         except NoVerifierError:
@@ -243,6 +245,8 @@ class _Run:
             await session.abort()
             return False
         self.session = session
+        if self.stats.open_wait_ms is None:  # the first open: admission and any BUSY waits
+            self.stats.open_wait_ms = round((time.perf_counter() - t0) * 1e3, 3)
         self.drafter.shape = capped(self.drafter.shape, session.max_tree_tokens)
         if session.verifier not in self.stats.verifiers:
             self.stats.verifiers.append(session.verifier)

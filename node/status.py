@@ -55,7 +55,8 @@ def render(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None, *,
         head.append(f"\nAPI {api}/v1", style="green")
 
     vt = Table(title="verifiers", expand=True, title_justify="left")
-    for col in ("peer", "from", "state", "free slots", "queue", "round trip", "verify"):
+    for col in ("peer", "from", "state", "free slots", "queue", "round trip", "verify",
+                "my standing"):
         vt.add_column(col)
     if pool is not None:
         for i, c in enumerate(pool.ranked):
@@ -63,11 +64,12 @@ def render(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None, *,
             state = f"in use ({busy})" if busy else ("spare" if i < 2 else "known")
             vt.add_row(_short(c.peer), c.source, state, str(c.advert.free_slots),
                        str(c.advert.queue_depth), f"{c.rtt_s * 1e3:.1f} ms",
-                       f"{c.advert.mean_verify_micros / 1e3:.1f} ms")
+                       f"{c.advert.mean_verify_micros / 1e3:.1f} ms",
+                       f"{c.advert.your_standing:.0f}" if c.advert.your_standing else "-")
         for peer, why in pool.dead.items():
-            vt.add_row(_short(peer), "", Text("dead", style="red"), "", "", "", why[:40])
+            vt.add_row(_short(peer), "", Text("dead", style="red"), "", "", "", why[:40], "")
         if not pool.ranked and not pool.dead:
-            vt.add_row("(none found yet)", "", "", "", "", "", "")
+            vt.add_row("(none found yet)", "", "", "", "", "", "", "")
 
     wt = Table(title="work", expand=True, title_justify="left", show_header=False)
     wt.add_column("what")

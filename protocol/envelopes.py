@@ -28,11 +28,14 @@ from specedge.protocol.limits import (
     MAX_ENVELOPE_BYTES,
     MAX_PAYLOAD_TYPE_BYTES,
     MAX_RECEIPT_ENVELOPE_BYTES,
+    MAX_STATEMENT_BYTES,
 )
 from specedge.protocol.varint import encode_uvarint
 
 DOMAIN_VERIFY_REQUEST = "specedge-verify-request"
 DOMAIN_RECEIPT = "specedge-receipt"
+DOMAIN_STANDING = "specedge-standing"
+PAYLOAD_STANDING = b"specedge.v1.StandingStatement"
 PAYLOAD_VERIFY_REQUEST = b"specedge.v1.VerifyRequest"
 PAYLOAD_RECEIPT = b"specedge.v1.Receipt"
 
@@ -204,6 +207,24 @@ def open_receipt(data: bytes, expected_peer: str | ID | None = None) -> tuple[Op
             "signed it",
         )
     return opened, receipt
+
+
+def seal_statement(key_pair: KeyPair, statement: pb.StandingStatement) -> bytes:
+    """A verifier signs a node's StandingStatement."""
+    return seal(key_pair, DOMAIN_STANDING, PAYLOAD_STANDING, statement.SerializeToString())
+
+
+def open_statement(data: bytes) -> tuple[Opened, pb.StandingStatement]:
+    """Check a signed StandingStatement: its issuer_peer_id must be its signer. Whether
+    the issuer is trusted, the node the right one and the statement fresh is the
+    reader's decision (``validation.validate_statement``)."""
+    opened = open_envelope(data, DOMAIN_STANDING, PAYLOAD_STANDING,
+                           max_size=MAX_STATEMENT_BYTES)
+    statement = _parse(pb.StandingStatement, opened.payload, "StandingStatement")
+    if statement.issuer_peer_id != opened.peer_id:
+        raise ProtocolError(ErrorCode.WRONG_PEER, "statement names an issuer that did not "
+                            "sign it")
+    return opened, statement
 
 
 def request_frame(envelope_bytes: bytes) -> pb.Frame:

@@ -143,6 +143,20 @@ def peer_addrs(host: IHost) -> list[str]:
     return out
 
 
+def parse_peer_id(text: str) -> ID:
+    """A base58 peer id: an identity or sha2-256 multihash (ValueError naming it when it
+    is not one; base58 alone accepts almost any word)."""
+    try:
+        raw = ID.from_base58(text).to_bytes()
+    except Exception as exc:
+        raise ValueError(f"not a peer id: {text!r} ({exc})") from None
+    identity = len(raw) >= 2 and raw[0] == 0x00 and raw[1] == len(raw) - 2
+    sha256 = len(raw) == 34 and raw[:2] == b"\x12\x20"
+    if not (identity or sha256):
+        raise ValueError(f"not a peer id: {text!r} (not a multihash of a key)")
+    return ID(raw)
+
+
 def parse_peer_addr(addr: str | Multiaddr) -> PeerInfo:
     """PeerInfo of a full multiaddr (ValueError unless it ends in ``/p2p/<id>``)."""
     try:

@@ -39,6 +39,9 @@ MAX_SESSIONS = 1 << 16
 MAX_PASS_COSTS = 64  # points of an advertised pass-cost curve
 MAX_RETRY_AFTER_MS = 3_600_000  # a BUSY verifier asking for more than an hour means "no"
 MAX_ETA_MS = 24 * 3_600_000
+MAX_STANDING = 1e15  # tokens of credit: far above anything real, far below float trouble
+MAX_STANDING_ISSUERS = 32
+MAX_STATEMENT_BYTES = 1024
 
 # Bytes per frame kind (the serialized Frame, without its length prefix). Each fits
 # the largest message that passes validation (strings at 4 UTF-8 bytes a character,
@@ -46,13 +49,13 @@ MAX_ETA_MS = 24 * 3_600_000
 MAX_ENVELOPE_BYTES = 16 * 1024  # 1024 tokens * (5 + 5) + key, signature, headers
 MAX_RECEIPT_ENVELOPE_BYTES = 4 * 1024
 FRAME_LIMITS: dict[str, int] = {
-    "open": 256 * 1024,  # 32768 prompt tokens * 5 bytes + strings
+    "open": 257 * 1024,  # 32768 prompt tokens * 5 bytes + strings + a statement
     "opened": 2 * 1024,
     "verify": MAX_ENVELOPE_BYTES + 16,
     "result": 8 * 1024 + MAX_RECEIPT_ENVELOPE_BYTES,
     "close": 2 * 1024,
     "error": 8 * 1024,
-    "advert": 4 * 1024,
+    "advert": 8 * 1024,  # with a standing statement and issuer list
     "advert_query": 2 * 1024,
     "progress": 256,
 }

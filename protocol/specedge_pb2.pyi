@@ -87,7 +87,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens", "progress")
+    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens", "progress", "standing")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class OpenSession(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STANDING_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
@@ -102,7 +103,8 @@ class OpenSession(_message.Message):
     client_version: str
     max_new_tokens: int
     progress: bool
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., progress: _Optional[bool] = ...) -> None: ...
+    standing: bytes
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., progress: _Optional[bool] = ..., standing: _Optional[bytes] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "verifier_peer_id", "vocab_size", "max_tree_tokens")
@@ -231,7 +233,7 @@ class PassCost(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
 
 class Advertisement(_message.Message):
-    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size", "prefill_tokens_per_s", "mean_pass_micros", "sessions_open", "max_sessions", "queued_prefill_tokens", "pass_costs", "engine", "committed_tokens")
+    __slots__ = ("model_id", "revision", "max_batch_tokens", "free_slots", "queue_depth", "mean_verify_micros", "protocol_version", "max_tree_tokens", "vocab_size", "prefill_tokens_per_s", "mean_pass_micros", "sessions_open", "max_sessions", "queued_prefill_tokens", "pass_costs", "engine", "committed_tokens", "your_standing", "standing_statement", "standing_issuers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +251,9 @@ class Advertisement(_message.Message):
     PASS_COSTS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    YOUR_STANDING_FIELD_NUMBER: _ClassVar[int]
+    STANDING_STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    STANDING_ISSUERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     max_batch_tokens: int
@@ -266,13 +271,32 @@ class Advertisement(_message.Message):
     pass_costs: _containers.RepeatedCompositeFieldContainer[PassCost]
     engine: str
     committed_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., mean_pass_micros: _Optional[int] = ..., sessions_open: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ..., engine: _Optional[str] = ..., committed_tokens: _Optional[int] = ...) -> None: ...
+    your_standing: float
+    standing_statement: bytes
+    standing_issuers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., free_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., mean_verify_micros: _Optional[int] = ..., protocol_version: _Optional[str] = ..., max_tree_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., mean_pass_micros: _Optional[int] = ..., sessions_open: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ..., engine: _Optional[str] = ..., committed_tokens: _Optional[int] = ..., your_standing: _Optional[float] = ..., standing_statement: _Optional[bytes] = ..., standing_issuers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdvertQuery(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "want_standing")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WANT_STANDING_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    want_standing: bool
+    def __init__(self, model_id: _Optional[str] = ..., want_standing: _Optional[bool] = ...) -> None: ...
+
+class StandingStatement(_message.Message):
+    __slots__ = ("issuer_peer_id", "node_peer_id", "earned", "as_of_unix_ms", "half_life_s")
+    ISSUER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    EARNED_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HALF_LIFE_S_FIELD_NUMBER: _ClassVar[int]
+    issuer_peer_id: str
+    node_peer_id: str
+    earned: float
+    as_of_unix_ms: int
+    half_life_s: float
+    def __init__(self, issuer_peer_id: _Optional[str] = ..., node_peer_id: _Optional[str] = ..., earned: _Optional[float] = ..., as_of_unix_ms: _Optional[int] = ..., half_life_s: _Optional[float] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("open", "opened", "verify", "result", "close", "error", "advert", "advert_query", "progress")

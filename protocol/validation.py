@@ -43,6 +43,9 @@ from specedge.protocol.limits import (
     MAX_RETRY_AFTER_MS,
     MAX_REVISION_CHARS,
     MAX_SESSIONS,
+    MAX_STANDING,
+    MAX_STANDING_ISSUERS,
+    MAX_STATEMENT_BYTES,
     MAX_TEMPERATURE,
     MAX_TOP_K,
     MAX_TREE_TOKENS,
@@ -156,6 +159,8 @@ def validate_open_session(
         _tokens_in_vocab(msg.prompt, vocab_size, "prompt")
     validate_sampling(msg.sampling, vocab_size)
     _range(msg.max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    if len(msg.standing) > MAX_STATEMENT_BYTES:
+        raise _fail(ErrorCode.TOO_LARGE, "standing statement too large")
     if max_context_tokens is not None and len(msg.prompt) + msg.max_new_tokens > max_context_tokens:
         raise _fail(
             ErrorCode.LIMIT_REACHED,
@@ -374,6 +379,31 @@ def validate_advertisement(msg: pb.Advertisement) -> None:
         _range(point.rows, "pass_costs.rows", 1, MAX_BATCH_TOKENS)
         _range(point.micros, "pass_costs.micros", 0, MAX_VERIFY_MICROS)
     _text(msg.engine, "engine", MAX_MODEL_ID_CHARS, required=False)
+    if not math.isfinite(msg.your_standing) or not 0.0 <= msg.your_standing <= MAX_STANDING:
+        raise _fail(ErrorCode.INVALID_PARAMETER, "your_standing out of range")
+    if len(msg.standing_statement) > MAX_STATEMENT_BYTES:
+        raise _fail(ErrorCode.TOO_LARGE, "standing statement too large")
+    if len(msg.standing_issuers) > MAX_STANDING_ISSUERS:
+        raise _fail(ErrorCode.TOO_LARGE, "too many standing issuers")
+    for issuer in msg.standing_issuers:
+        _peer_id(issuer, "standing_issuers")
+
+
+def validate_statement(st: pb.StandingStatement, *, node: str, issuers: Sequence[str],
+                       now_ms: int, max_age_s: float) -> None:
+    """A standing statement a node presents: about this node (WRONG_PEER), from an
+    issuer we accept (WRONG_PEER), not from the future, not stale, in range."""
+    if st.node_peer_id != node:
+        raise _fail(ErrorCode.WRONG_PEER, "the statement is about another node")
+    if st.issuer_peer_id not in issuers:
+        raise _fail(ErrorCode.WRONG_PEER, "the statement's issuer is not one we accept")
+    if st.as_of_unix_ms > now_ms + 60_000:
+        raise _fail(ErrorCode.INVALID_PARAMETER, "the statement is dated in the future")
+    if now_ms - st.as_of_unix_ms > max_age_s * 1000:
+        raise _fail(ErrorCode.INVALID_PARAMETER, "the statement is too old")
+    for value, name in ((st.earned, "earned"), (st.half_life_s, "half_life_s")):
+        if not math.isfinite(value) or not 0.0 <= value <= MAX_STANDING:
+            raise _fail(ErrorCode.INVALID_PARAMETER, f"statement {name} out of range")
 
 
 def validate_advert_query(msg: pb.AdvertQuery) -> None:

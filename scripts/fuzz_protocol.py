@@ -33,16 +33,20 @@ from libp2p.crypto.pb import crypto_pb2
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import (
     DOMAIN_RECEIPT,
+    DOMAIN_STANDING,
     DOMAIN_VERIFY_REQUEST,
     PAYLOAD_RECEIPT,
+    PAYLOAD_STANDING,
     PAYLOAD_VERIFY_REQUEST,
     frame_envelope_bytes,
     open_receipt,
     open_request,
+    open_statement,
     request_digest,
     seal,
     seal_receipt,
     seal_request,
+    seal_statement,
 )
 from specedge.protocol.errors import ErrorCode, ProtocolError, from_error
 from specedge.protocol.framing import FrameDecoder, encode_frame, parse_frame, read_frame
@@ -58,6 +62,7 @@ from specedge.protocol.validation import (
     validate_progress,
     validate_receipt,
     validate_session_opened,
+    validate_statement,
     validate_verify_request,
     validate_verify_result,
 )
@@ -80,6 +85,10 @@ RECEIPT = pb.Receipt(
     unix_ms=1_700_000_000_000, model_id="tiny-test", draft_micros=1500,
 )
 RECEIPT_ENV = seal_receipt(VERIFIER, RECEIPT)
+STATEMENT = pb.StandingStatement(issuer_peer_id=VERIFIER_ID, node_peer_id=NODE_ID,
+                                 earned=1234.5, as_of_unix_ms=1_700_000_000_000,
+                                 half_life_s=604800.0)
+STATEMENT_ENV = seal_statement(VERIFIER, STATEMENT)
 RESULT_MSG.receipt = RECEIPT_ENV
 OPEN = pb.OpenSession(model_id="tiny-test", revision="main", prompt=[1, 2, 300, 511],
                       sampling=pb.Sampling(temperature=0.7, top_p=0.9, top_k=40, seed=3),
@@ -162,6 +171,12 @@ def t_open_receipt(data: bytes) -> None:
     _, receipt = open_receipt(data, expected_peer=VERIFIER_ID)
     validate_receipt(receipt, request_envelope=REQUEST_ENV, result=RESULT_MSG,
                      node_peer=NODE_ID, verifier_peer=VERIFIER_ID, model_id="tiny-test")
+
+
+def t_open_statement(data: bytes) -> None:
+    _, st = open_statement(data)
+    validate_statement(st, node=NODE_ID, issuers=[VERIFIER_ID], now_ms=STATEMENT.as_of_unix_ms,
+                       max_age_s=3600)
 
 
 def t_open_session(data: bytes) -> None:
@@ -249,6 +264,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], list[bytes]]] = {
     "read_frame": (lambda d: None, FRAME_BYTES + [b"".join(FRAME_BYTES)]),  # run async below
     "open_request": (t_open_request, [REQUEST_ENV]),
     "open_receipt": (t_open_receipt, [RECEIPT_ENV]),
+    "open_statement": (t_open_statement, [STATEMENT_ENV]),
     "open_session": (t_open_session, [OPEN.SerializeToString()]),
     "session_opened": (t_session_opened, [OPENED.SerializeToString()]),
     "verify_request": (t_verify_request, [REQUEST.SerializeToString()]),
@@ -268,6 +284,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], list[bytes]]] = {
 RESIGN = {
     "open_request": (NODE, DOMAIN_VERIFY_REQUEST, PAYLOAD_VERIFY_REQUEST),
     "open_receipt": (VERIFIER, DOMAIN_RECEIPT, PAYLOAD_RECEIPT),
+    "open_statement": (VERIFIER, DOMAIN_STANDING, PAYLOAD_STANDING),
 }
 
 INTERESTING = [b"\x00", b"\xff", b"\x7f", b"\x80", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",
@@ -324,7 +341,7 @@ def _scalar(rng: random.Random, fd) -> object:
         return rng.choice(U64) if rng.random() < 0.7 else rng.randrange(2**64)
     if t == fd.TYPE_SINT32:
         return rng.choice(S32) if rng.random() < 0.7 else rng.randrange(-(2**31), 2**31)
-    if t == fd.TYPE_FLOAT:
+    if t in (fd.TYPE_FLOAT, fd.TYPE_DOUBLE):
         return rng.choice(FLOATS)
     if t == fd.TYPE_BOOL:
         return rng.random() < 0.5
@@ -429,6 +446,7 @@ STRUCTURED = {
     "read_frame": (FRAMES, _prefixed),
     "open_request": ([REQUEST], lambda m: seal_request(NODE, m)),
     "open_receipt": ([RECEIPT], lambda m: seal_receipt(VERIFIER, m)),
+    "open_statement": ([STATEMENT], lambda m: seal_statement(VERIFIER, m)),
     "open_session": ([OPEN], _serialize),
     "session_opened": ([OPENED], _serialize),
     "verify_request": ([REQUEST], _serialize),

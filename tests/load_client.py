@@ -25,6 +25,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -32,6 +33,7 @@ from verifier_client import Client, Conn
 
 from specedge.protocol import hosts
 from specedge.protocol.errors import ProtocolError
+from specedge.protocol.identity import load_or_create_identity
 
 CHAIN = 4
 
@@ -43,6 +45,7 @@ async def slot_loop(client: Client, truths: list[dict], slot: int, args: argpars
     rng = random.Random(slot)
     index = slot % len(truths)
     conn, tokens, rounds, sessions = first, 0, 0, 0
+    latencies: list[float] = []  # per round: seconds per committed token (what a user sees)
     await trio.sleep_until(start)
     t0 = trio.current_time()
     try:
@@ -56,8 +59,10 @@ async def slot_loop(client: Client, truths: list[dict], slot: int, args: argpars
             while trio.current_time() < stop and pos < args.segment:
                 chain = [t if rng.random() >= args.miss else (t + 1) % vocab
                          for t in truth[pos : pos + CHAIN]]
+                asked = trio.current_time()
                 res = await conn.verify(*conn.request(chain, list(range(-1, CHAIN - 1))))
                 new = [chain[i] for i in res.accepted] + [res.bonus_token]
+                latencies.append((trio.current_time() - asked) / len(new))
                 rounds += 1
                 if new != truth[pos : pos + len(new)]:
                     # The test decides whether this is a float near-tie or a real error.
@@ -75,13 +80,15 @@ async def slot_loop(client: Client, truths: list[dict], slot: int, args: argpars
     except ProtocolError as exc:
         out["errors"].append(f"{exc.code.name}: {exc}")
     out["sessions"].append({"tokens": tokens, "rounds": rounds, "generations": sessions,
-                            "seconds": trio.current_time() - t0})
+                            "seconds": trio.current_time() - t0,
+                            "itl_ms": [round(x * 1000, 2) for x in latencies]})
 
 
 async def amain(args: argparse.Namespace) -> dict:
     with open(args.truth_file) as f:
         truths = json.load(f)
-    key_pair = create_new_key_pair()
+    key_pair = (load_or_create_identity(Path(args.identity)) if args.identity
+                else create_new_key_pair())
     out: dict = {"sessions": [], "errors": [], "wrong": []}
     async with hosts.running_host(key_pair, ["/ip4/127.0.0.1/tcp/0"]) as host:
         await hosts.connect(host, args.addr)
@@ -123,6 +130,7 @@ def main() -> int:
     p.add_argument("--miss", type=float, default=0.2)
     p.add_argument("--segment", type=int, default=200,
                    help="tokens per generation; then the slot opens a new session")
+    p.add_argument("--identity", help="the node's key file (default: a fresh identity)")
     args = p.parse_args()
     hosts.configure_logging(-1)
     print(json.dumps(trio.run(amain, args)), flush=True)

@@ -45,7 +45,7 @@ def sample_messages() -> dict[str, object]:
         "open": pb.OpenSession(
             model_id="tiny-test", revision="abc", prompt=[1, 2, 3, 2**32 - 1],
             sampling=pb.Sampling(temperature=1.0, top_p=1.0, top_k=1, seed=7),
-            client_version="1.0.0", max_new_tokens=64, progress=True,
+            client_version="1.0.0", max_new_tokens=64, progress=True, standing=b"s" * 10,
         ),
         "opened": pb.SessionOpened(session_id=SID, verifier_peer_id="12D3KooWx",
                                    vocab_size=256, max_tree_tokens=64),
@@ -68,12 +68,15 @@ def sample_messages() -> dict[str, object]:
             max_tree_tokens=64, vocab_size=256, prefill_tokens_per_s=812.5,
             mean_pass_micros=40_000, sessions_open=2, max_sessions=64,
             queued_prefill_tokens=300, pass_costs=[pb.PassCost(rows=1, micros=900)],
-            engine="torch/float32", committed_tokens=12345,
+            engine="torch/float32", committed_tokens=12345, your_standing=250.5,
+            standing_statement=b"e" * 8, standing_issuers=["12D3KooWx"],
         ),
         "progress": pb.Progress(session_id=SID, seq=2, state=pb.Progress.PREFILLING,
                                 queue_position=3, done=64, total=100, eta_ms=2000),
         "pass_cost": pb.PassCost(rows=8, micros=1200),
-        "advert_query": pb.AdvertQuery(model_id="tiny-test"),
+        "advert_query": pb.AdvertQuery(model_id="tiny-test", want_standing=True),
+        "statement": pb.StandingStatement(issuer_peer_id="v", node_peer_id="n", earned=12.5,
+                                          as_of_unix_ms=99, half_life_s=604800.0),
     }
 
 

@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the measured prefill speed); the node then tries another verifier "
                    "or comes back (default: %(default)s)")
     p.add_argument("--test-pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--no-standing", action="store_true",
+                   help="serve requests first come, first served, whatever the node's standing "
+                   "(by default, under load, nodes with earned credit go first and the last "
+                   "quarter of the session slots is kept for them; see the README)")
+    p.add_argument("--standing-boost", type=float, default=1.0, metavar="PASSES",
+                   help="head start in the queue per doubling of a node's standing over the "
+                   "starting grant, in mean passes (default: %(default)s)")
+    p.add_argument("--accept-standing-from", action="append", default=[], metavar="PEER_ID",
+                   help="count standing statements signed by this verifier (repeatable; "
+                   "advertised, so nodes know which statements to present)")
     p.add_argument("--kv-cache-gb", type=float, metavar="GB",
                    help="memory for sessions' KV cache, shared prefix blocks and cached "
                    "blocks of past sessions; a session that would not fit is refused BUSY "
@@ -126,6 +136,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.kv_host_gb < 0:
         raise ValueError("--kv-host-gb must be >= 0")
+    if not 0 <= args.standing_boost <= 100:
+        raise ValueError("--standing-boost must be in [0, 100] (mean passes)")
+    from specedge.protocol.hosts import parse_peer_id
+
+    for peer in args.accept_standing_from:
+        parse_peer_id(peer)
 
 
 # glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX).
@@ -195,6 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tree_tokens=args.max_tree_tokens,
         batch_wait=args.batch_wait,
         admit_wait=args.admit_wait,
+        rank_by_standing=not args.no_standing,
+        standing_boost=args.standing_boost,
+        accept_standing_from=args.accept_standing_from,
         max_sessions=args.max_sessions,
         max_sessions_per_peer=args.max_sessions_per_peer,
         idle_timeout=args.idle_timeout,

@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 
@@ -77,7 +78,12 @@ from libp2p.crypto.keys import KeyPair
 from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
-from specedge.protocol.envelopes import frame_envelope_bytes, open_request
+from specedge.protocol.envelopes import (
+    frame_envelope_bytes,
+    open_request,
+    open_statement,
+    seal_statement,
+)
 from specedge.protocol.errors import ErrorCode, ProtocolError, error_frame
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.identity import peer_id_of
@@ -94,6 +100,7 @@ from specedge.protocol.limits import (
     MAX_FREE_SLOTS,
     MAX_QUEUE_DEPTH,
     MAX_SESSIONS,
+    MAX_STANDING,
     MAX_VERIFY_MICROS,
 )
 from specedge.protocol.validation import (
@@ -101,6 +108,7 @@ from specedge.protocol.validation import (
     validate_advert_query,
     validate_close_session,
     validate_open_session,
+    validate_statement,
     validate_verify_request,
 )
 from specedge.sampling import SamplingParams
@@ -109,10 +117,19 @@ from specedge.verifier.metrics import VerifierMetrics
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
 from specedge.verifier.scheduler import Outcome, Scheduler
 from specedge.verifier.sessions import Session, SessionTable, new_session_id
+from specedge.verifier.standing import (
+    GRANT,
+    HALF_LIFE_S,
+    MAX_STATEMENT_AGE_S,
+    RESERVED_SLOTS,
+    Standings,
+    standing_class,
+)
 
 log = logging.getLogger("specedge.verifier")
 
 CLOSE_TIMEOUT = 2.0  # seconds to close a stream politely before giving up on it
+STANDING_LOOKUP_WAIT = 2.0  # a new peer's standing: never let a slow ledger stall an open
 _PROGRESS_STATES = {"queued": pb.Progress.QUEUED, "prefilling": pb.Progress.PREFILLING,
                     "verifying": pb.Progress.VERIFYING}
 
@@ -129,6 +146,9 @@ class VerifierConfig:
     max_tree_tokens: int = 64
     batch_wait: float = BATCH_WAIT  # hold for due sessions, in mean passes
     admit_wait: float = ADMIT_WAIT  # BUSY when a new session's prefill could not start sooner
+    rank_by_standing: bool = True  # under load, earned standing goes first (standing.py)
+    standing_boost: float = 1.0  # mean passes of head start per doubling of standing
+    accept_standing_from: list[str] = field(default_factory=list)  # trusted issuers
     max_sessions: int = 64
     max_sessions_per_peer: int = 16
     idle_timeout: float = IDLE_TIMEOUT
@@ -151,9 +171,13 @@ class Verifier:
         self.peer_id = peer_id_of(key_pair)
         self.config = config
         self.metrics = metrics or VerifierMetrics()
-        self.table = SessionTable(config.max_sessions, config.max_sessions_per_peer)
-        self.scheduler = Scheduler(engine, config.max_batch_tokens, self.metrics,
-                                   batch_wait=config.batch_wait)
+        reserved = int(config.max_sessions * RESERVED_SLOTS) if config.rank_by_standing else 0
+        self.table = SessionTable(config.max_sessions, config.max_sessions_per_peer, reserved)
+        self.standings = Standings(ledger if hasattr(ledger, "earned_buckets") else None)
+        self.scheduler = Scheduler(
+            engine, config.max_batch_tokens, self.metrics, batch_wait=config.batch_wait,
+            standing=self._standing, rank=config.rank_by_standing,
+            boost_passes=config.standing_boost)
         self.writer = ReceiptWriter(ledger, self.metrics)
         self.engine_name = f"torch/{str(engine.dtype).removeprefix('torch.')}"
         self.addrs: list[str] = []
@@ -175,6 +199,7 @@ class Verifier:
             await outer.start(self.writer.run)
             async with trio.open_nursery() as core:
                 await core.start(self.scheduler.run)
+                core.start_soon(self._refresh_standings)
                 async with hosts.running_host(self.key_pair, self.config.listen) as host:
                     host.set_stream_handler(VERIFY_PROTOCOL, self._verify_handler)
                     host.set_stream_handler(ADVERT_PROTOCOL, self._advert_handler)
@@ -190,6 +215,17 @@ class Verifier:
                         await self._shutdown()
             self.writer.close()
         log.info("stopped")
+
+    async def _refresh_standings(self) -> None:
+        """Recompute the standing of peers seen lately, off the event loop (a ledger query
+        blocks), until shutdown."""
+        while not self.stopping:
+            if self.standings.stale:
+                await trio.to_thread.run_sync(self.standings.refresh)
+            await trio.sleep(1.0)
+
+    def _standing(self, session: Session) -> float:
+        return self.standings.earned(session.peer)
 
     @contextlib.asynccontextmanager
     async def _discovery(self, host: IHost) -> AsyncIterator[None]:
@@ -327,12 +363,27 @@ class Verifier:
             )
             _sampling(msg.sampling)
             self._admit()
-            self.table.reserve(peer)
+            if msg.standing:
+                self._take_statement(peer, bytes(msg.standing))
+            if not self.standings.knows(peer):  # a peer new to us: ask the ledger now
+                with trio.move_on_after(STANDING_LOOKUP_WAIT):
+                    await trio.to_thread.run_sync(self.standings.refresh, {peer})
+            self.table.reserve(peer, earned=self.standings.earned(peer) > GRANT)
         except ProtocolError as exc:
             if exc.code != ErrorCode.STREAM_CLOSED:
                 await self._send_error(stream, exc)
             return None
         return msg
+
+    def _take_statement(self, peer: str, data: bytes) -> None:
+        """Count a standing statement another verifier signed for `peer`, if we accept
+        its issuer; a bad one is refused (WRONG_PEER, BAD_SIGNATURE...), not ignored,
+        so a node learns its statement does not count here."""
+        _, st = open_statement(data)
+        validate_statement(st, node=peer, issuers=self.config.accept_standing_from,
+                           now_ms=int(time.time() * 1000), max_age_s=MAX_STATEMENT_AGE_S)
+        age_s = max(time.time() - st.as_of_unix_ms / 1000, 0.0)
+        self.standings.accept_claim(peer, GRANT + st.earned * 2.0 ** (-age_s / HALF_LIFE_S))
 
     def _admit(self) -> None:
         """BUSY, at once, when a new session's prefill could not start within
@@ -481,8 +532,18 @@ class Verifier:
                                  bonus_token=verdict.bonus, receipt=receipt)
         if not await self._write(stream, session, pb.Frame(result=result)):
             return False
+        self._inter_token(session, len(verdict.new_tokens))
         self.metrics.verify_latency.observe(trio.current_time() - received)
         return True
+
+    def _inter_token(self, session: Session, tokens: int) -> None:
+        """Time between a session's answers per token: the latency its user sees."""
+        now = trio.current_time()
+        if session.answered_at is not None:
+            label = standing_class(self.standings.earned(session.peer))
+            self.metrics.itl.labels(standing=label).observe(
+                (now - session.answered_at) / max(tokens, 1))
+        session.answered_at = now
 
     async def _verify(self, session: Session, tokens: list[int], parents: list[int]) -> Outcome:
         """A request's verdict, once the session's prefill is done (a 1.1 node may send
@@ -563,8 +624,23 @@ class Verifier:
 
     # -- the advert protocol ------------------------------------------------------
 
-    def advertisement(self) -> pb.Advertisement:
-        """This verifier's live figures, as peers see them."""
+    def advertisement(self, peer: str | None = None,
+                      want_standing: bool = False) -> pb.Advertisement:
+        """This verifier's live figures, as peers see them; with `want_standing`, also
+        `peer`'s standing here and a statement of it signed by this verifier."""
+        advert = self._figures()
+        advert.standing_issuers.extend(self.config.accept_standing_from)
+        if want_standing and peer is not None:
+            value = self.standings.earned(peer)
+            advert.your_standing = min(value, MAX_STANDING)
+            statement = pb.StandingStatement(
+                issuer_peer_id=self.peer_id, node_peer_id=peer,
+                earned=min(max(value - GRANT, 0.0), MAX_STANDING),
+                as_of_unix_ms=int(time.time() * 1000), half_life_s=HALF_LIFE_S)
+            advert.standing_statement = seal_statement(self.key_pair, statement)
+        return advert
+
+    def _figures(self) -> pb.Advertisement:
         return pb.Advertisement(
             model_id=self.config.model_id,
             revision=self.config.revision,
@@ -594,11 +670,12 @@ class Verifier:
                                              timeout=ADVERT_TIMEOUT)
                 expect(frame, "advert_query")
                 validate_advert_query(frame.advert_query)
-                wanted = frame.advert_query.model_id
-                if wanted and wanted != self.config.model_id:
+                query = frame.advert_query
+                if query.model_id and query.model_id != self.config.model_id:
                     raise ProtocolError(ErrorCode.UNSUPPORTED_MODEL,
                                         f"this verifier serves {self.config.model_id!r}")
-                await write_frame(stream, pb.Frame(advert=self.advertisement()))
+                advert = self.advertisement(str(stream.muxed_conn.peer_id), query.want_standing)
+                await write_frame(stream, pb.Frame(advert=advert))
             except ProtocolError as exc:
                 if exc.code != ErrorCode.STREAM_CLOSED:
                     await self._send_error(stream, exc)

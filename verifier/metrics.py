@@ -94,6 +94,12 @@ class VerifierMetrics:
         self.kv_disk_write_failures = Counter(p + "kv_disk_write_failures", "Blocks that "
                                               "could not be written to disk (full, I/O error)",
                                               registry=r)
+        self.queue_wait = Histogram(p + "queue_wait_seconds", "Verify request queued to its "
+                                    "pass, by the node's standing class", ["standing"],
+                                    buckets=_SECONDS_BUCKETS, registry=r)
+        self.itl = Histogram(p + "inter_token_seconds", "Time between a session's answers "
+                             "per token they committed (what its user sees), by standing "
+                             "class", ["standing"], buckets=_SECONDS_BUCKETS, registry=r)
         self.admissions_refused = Counter(
             p + "admissions_refused", "Sessions refused BUSY because their prefill could not "
             "start within --admit-wait", registry=r)

@@ -38,6 +38,13 @@ all of them late together (which is what re-queueing each at the tail after ever
 chunk did), while running sessions' verifications are delayed by at most one chunk per
 pass. Each session has at most one job queued.
 
+Standing (verifier/standing.py): when a standing source is given, verify requests are
+taken in order of waited time plus a boost that grows with the log of the requesting
+node's standing (one mean pass per doubling over the starting grant, `boost_passes`).
+Only the order changes, never what a pass may hold: with room for everyone it is
+every request, as before; under overload the earned requests go first, and a fresh one
+that has waited as long as the boost goes before them (nobody starves).
+
 Speed is measured, never assumed: the rows per second of prefill (each pass's time
 split by rows) and the mean pass time give the estimates the verifier sends in Progress
 frames, uses to refuse sessions it could not start soon (admission), and advertises.
@@ -51,6 +58,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -61,6 +69,7 @@ from specedge.verification import Verdict
 from specedge.verifier.engine import PassResult, PrefillJob, TargetEngine, VerifyJob
 from specedge.verifier.metrics import VerifierMetrics
 from specedge.verifier.sessions import Session
+from specedge.verifier.standing import boost, standing_class
 
 log = logging.getLogger("specedge.verifier.scheduler")
 
@@ -128,7 +137,9 @@ def _average(old: float | None, sample: float) -> float:
 class Scheduler:
     def __init__(self, engine: TargetEngine, max_batch_tokens: int,
                  metrics: VerifierMetrics | None = None,
-                 batch_wait: float = BATCH_WAIT) -> None:
+                 batch_wait: float = BATCH_WAIT,
+                 standing: Callable[[Session], float] | None = None,
+                 boost_passes: float = 1.0, rank: bool = True) -> None:
         if max_batch_tokens < engine.prefill_chunk:
             raise ValueError("max_batch_tokens must hold at least one prefill chunk")
         if batch_wait < 0:
@@ -137,6 +148,9 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
         self.batch_wait = batch_wait  # in mean passes; 0: never hold a pass
+        self.standing = standing  # the requesting node's standing (metrics, ranking)
+        self.rank = rank and standing is not None  # False: FIFO whatever the standing
+        self.boost_passes = boost_passes
         self.mean_pass_seconds = 0.0  # moving average of verify passes' time
         self.prefill_rows_per_s = 0.0  # measured prefill speed (0 until the first chunk)
         self._rhythms: dict[bytes, _Rhythm] = {}  # session id -> rhythm
@@ -357,17 +371,35 @@ class Scheduler:
         return budget
 
     def _take_verifies(self, taken: list[_Work], budget: int) -> int:
+        now = trio.current_time()
         kept: deque[_Work] = deque()
-        while self._verifies:
-            work = self._verifies.popleft()
+        for work in self._ranked(now):
             size = work.size(self.engine)
             if size <= budget:
                 taken.append(work)
                 budget -= size
+                self._waited(work, now)
             else:
                 kept.append(work)
         self._verifies = kept
         return budget
+
+    def _ranked(self, now: float) -> list[_Work]:
+        """The verify queue in the order a pass takes it: FIFO, or by waited time plus
+        the standing boost (see the module docstring)."""
+        if not self.rank:
+            return list(self._verifies)
+        unit = self.boost_passes * (self.mean_pass_seconds or 0.05)
+
+        def score(w: _Work) -> float:
+            return (now - w.since) + boost(self.standing(w.session), unit)  # type: ignore[misc]
+
+        return sorted(self._verifies, key=score, reverse=True)  # stable: FIFO among equals
+
+    def _waited(self, work: _Work, now: float) -> None:
+        if self.metrics is not None:
+            label = standing_class(self.standing(work.session)) if self.standing else "fresh"
+            self.metrics.queue_wait.labels(standing=label).observe(now - work.since)
 
     def _deliver(self, batch: list[_Work], jobs: list, result: PassResult) -> None:
         requests = sum(1 for w in batch if w.verify is not None)

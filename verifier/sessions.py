@@ -33,6 +33,7 @@ class Session:
     progress: bool = False  # the node reads Progress frames (protocol 1.1)
     ready: trio.Event = field(default_factory=trio.Event)  # prefill finished (or failed)
     prefill_error: ProtocolError | None = None
+    answered_at: float | None = None  # trio time of its last answer (inter-token latency)
     # Frames from the session's rounds and its heartbeats must not interleave.
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -49,9 +50,11 @@ class SessionTable:
     Trio-thread only (no locking).
     """
 
-    def __init__(self, max_sessions: int, max_per_peer: int) -> None:
+    def __init__(self, max_sessions: int, max_per_peer: int, reserved: int = 0) -> None:
+        """`reserved`: the last slots, kept for nodes with earned standing."""
         self.max_sessions = max_sessions
         self.max_per_peer = max_per_peer
+        self.reserved = min(reserved, max_sessions - 1)
         self.sessions: dict[bytes, Session] = {}
         self._reserved: dict[str, int] = {}  # peer -> slots held (open + opening)
         self.mean_lifetime: float | None = None  # seconds, moving average of ended sessions
@@ -63,9 +66,15 @@ class SessionTable:
     def free_slots(self) -> int:
         return max(self.max_sessions - sum(self._reserved.values()), 0)
 
-    def reserve(self, peer: str) -> None:
+    def reserve(self, peer: str, earned: bool = True) -> None:
         """Hold a slot for a session `peer` is opening: BUSY (with a retry-after) when the
-        host is full, OVERLOADED when this peer holds its share."""
+        host is full, or when only reserved slots are left and `peer` has no earned
+        standing; OVERLOADED when this peer holds its share."""
+        if 0 < self.free_slots <= self.reserved and not earned:
+            raise ProtocolError(ErrorCode.BUSY,
+                                f"the last {self.reserved} session slots are kept for nodes "
+                                "with earned standing; ask again later",
+                                retry_after=self.slot_wait())
         if self.free_slots <= 0:
             raise ProtocolError(ErrorCode.BUSY,
                                 f"all {self.max_sessions} session slots are taken; try "

@@ -95,9 +95,11 @@ class Standings:
         local = known.value if known is not None else GRANT
         return max(local, self.claimed.get(peer, 0.0))
 
-    def refresh(self) -> None:
-        """Recompute every stale peer's standing from the ledger (blocking)."""
-        peers, self.stale = self.stale, set()
+    def refresh(self, peers: set[str] | None = None) -> None:
+        """Recompute the standing of `peers` (default: every stale one) from the ledger
+        (blocking: run it in a thread)."""
+        if peers is None:
+            peers, self.stale = self.stale, set()
         now_ms = int(time.time() * 1000)
         for peer in peers:
             value = GRANT
@@ -110,6 +112,10 @@ class Standings:
                     self.stale.add(peer)
                     continue
             self.known[peer] = _Known(value, time.monotonic())
+            self.stale.discard(peer)
+
+    def knows(self, peer: str) -> bool:
+        return peer in self.known
 
     def accept_claim(self, peer: str, value: float) -> None:
         """A checked statement from a trusted issuer: at most what it says."""
