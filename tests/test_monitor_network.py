@@ -197,6 +197,28 @@ def screenshot(driver, path: Path, width: int) -> None:
     driver.save_screenshot(str(path))
 
 
+def page_facts(driver, peer: str, hostile: str) -> dict:
+    """What the test checks, read in one script: the page re-renders its tables on every
+    refresh, so elements looked up in separate WebDriver calls can go stale in between."""
+    return driver.execute_script("""
+        const text = (sel) => {
+            const e = document.querySelector(sel);
+            return e ? e.innerText : null;
+        };
+        const row = document.querySelector(`tr.verifier[data-peer="${arguments[0]}"]`);
+        const span = row && row.querySelector("td.peer span");
+        return {
+            cells: row ? Array.from(row.querySelectorAll("td"), (c) => c.innerText) : null,
+            peer_title: span ? span.getAttribute("title") : null,
+            shown: document.querySelectorAll("tr.verifier").length,
+            total: text("#total-verifiers .value"),
+            models_total: text("#total-models .value"),
+            bad: text(`tr.misbehaving[data-peer="${arguments[1]}"]`) || "",
+            models: text("table.models") || "",
+            conn: text("#conn"),
+        };""", peer, hostile)
+
+
 def test_the_page_in_chromium_shows_the_network_and_drops_a_dead_verifier(net, browser,
                                                                          tmp_path):
     from selenium.webdriver.common.by import By
@@ -204,20 +226,16 @@ def test_the_page_in_chromium_shows_the_network_and_drops_a_dead_verifier(net, b
 
     row_css = f'tr.verifier[data-peer="{net.alive.peer}"]'
     browser.get(net.url)
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, row_css))
-    row = browser.find_element(By.CSS_SELECTOR, row_css)
-    cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+    seen = WebDriverWait(browser, WAIT).until(
+        lambda d: when(page_facts(d, net.alive.peer, net.hostile), lambda f: f["cells"]))
+    cells = seen["cells"]
     assert cells[1] == "tiny-test" and cells[2] == "direct" and cells[-1] == "unknown"
-    assert row.find_element(By.CSS_SELECTOR, "td.peer span").get_attribute(
-        "title") == net.alive.peer
-    shown = browser.find_elements(By.CSS_SELECTOR, "tr.verifier")
-    total = browser.find_element(By.CSS_SELECTOR, "#total-verifiers .value").text
-    assert total == str(len(shown)) and len(shown) >= 1
-    assert browser.find_element(By.CSS_SELECTOR, "#total-models .value").text == "1"
-    bad = browser.find_element(By.CSS_SELECTOR, f'tr.misbehaving[data-peer="{net.hostile}"]')
-    assert "MALFORMED" in bad.text
-    assert "tiny-test" in browser.find_element(By.CSS_SELECTOR, "table.models").text
-    assert browser.find_element(By.ID, "conn").text == "live"
+    assert seen["peer_title"] == net.alive.peer
+    assert seen["total"] == str(seen["shown"]) and seen["shown"] >= 1
+    assert seen["models_total"] == "1"
+    assert "MALFORMED" in seen["bad"]
+    assert "tiny-test" in seen["models"]
+    assert seen["conn"] == "live"
     screenshot(browser, tmp_path / "monitor.png", 1200)
     if os.environ.get("SPECEDGE_SCREENSHOT_DIR"):  # how docs/monitor.png is made
         shutil.copy(tmp_path / "monitor.png", Path(os.environ["SPECEDGE_SCREENSHOT_DIR"]))
