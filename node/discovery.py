@@ -27,6 +27,7 @@ from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.peerinfo import PeerInfo
 
 from specedge.kvblocks import block_hashes, model_key
+from specedge.node.audit import Auditor
 from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
 from specedge.protocol import hosts
@@ -36,6 +37,7 @@ from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.ids import (
     ADVERT_PROTOCOL,
+    AUDIT_PROTOCOL,
     PROGRESS_SINCE,
     VERIFY_PROTOCOL,
     dht_key,
@@ -189,6 +191,9 @@ class VerifierPool:
         # Statements of this node's standing that verifiers signed (issuer -> envelope,
         # earned), presented to verifiers that accept their issuer.
         self.statements: dict[str, tuple[bytes, float]] = {}
+        # Audits of this pool's sessions (node.audit), when enabled; verifiers it proved
+        # to cheat are never used again.
+        self.auditor: Auditor | None = None
 
     # -- discovery ---------------------------------------------------------------
 
@@ -311,7 +316,9 @@ class VerifierPool:
                 log.info("verifier %s did not open a session: %s", cand.peer, exc)
                 continue
             self.in_use[cand.peer] = self.in_use.get(cand.peer, 0) + 1
-            session.on_end = lambda peer=cand.peer: self.released(peer)
+            session.on_end = lambda peer=cand.peer, s=session: self._ended(peer, s)
+            if self.auditor is not None and self.auditor.sync:
+                session.before_use = self.auditor.before_use
             return session
         return None
 
@@ -353,7 +360,8 @@ class VerifierPool:
 
     def _order(self, prompt: Sequence[int], avoid: set[str]) -> list[Candidate]:
         """Candidates to try: by rank, but the one holding this conversation's KV first."""
-        cands = [c for c in self.ranked if c.peer not in avoid]
+        banned = self.auditor.banned if self.auditor is not None else {}
+        cands = [c for c in self.ranked if c.peer not in avoid and c.peer not in banned]
         home = self._home(prompt)
         first = [c for c in cands if c.peer == home and c.advert.free_slots > 0]
         return first + [c for c in cands if c.peer != home or not first]
@@ -374,6 +382,15 @@ class VerifierPool:
         dead = "".join(f"; {p} did not answer ({why})" for p, why in self.dead.items())
         return (f"no verifier for {self.model_id!r} was found{dead}. Check that a verifier "
                 "serves this target model and that your bootstrap peers are on its network.")
+
+    def _ended(self, peer: str, session: Session) -> None:
+        self.released(peer)
+        if self.auditor is not None:
+            self.auditor.session_ended(session)
+
+    async def open_audit_stream(self, cand: Candidate) -> INetStream:
+        """A stream to `cand` on the audit protocol (ConnectionError if none)."""
+        return await open_stream(self.host, cand.info, AUDIT_PROTOCOL)
 
     def released(self, peer: str) -> None:
         n = self.in_use.get(peer, 0) - 1

@@ -20,7 +20,7 @@ from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, RemoteError
 from specedge.protocol.framing import read_frame, write_frame
-from specedge.protocol.ids import ADVERT_PROTOCOL
+from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION
 from specedge.trees import TreeShape
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.host import Verifier, VerifierConfig
@@ -217,7 +217,7 @@ def test_advert_reports_live_figures_and_refuses_another_model(models):
         a = (await read_frame(stream, timeout=10)).advert
         assert (a.model_id, a.free_slots, a.queue_depth) == ("tiny-test", 63, 0)
         assert (a.max_batch_tokens, a.max_tree_tokens, a.vocab_size) == (128, 16, 259)
-        assert a.protocol_version == "1.1.0" and a.mean_verify_micros > 0
+        assert a.protocol_version == PROTOCOL_VERSION and a.mean_verify_micros > 0
         # Measured speed and load (1.1): what nodes rank by and derive waits from.
         assert a.prefill_tokens_per_s > 0 and a.mean_pass_micros > 0
         assert (a.sessions_open, a.max_sessions, a.queued_prefill_tokens) == (1, 64, 0)

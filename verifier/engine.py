@@ -53,6 +53,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specedge import kvcache
 from specedge.acceptance import accept
+from specedge.audit import Facts, position_facts
 from specedge.kvblocks import BlockStore, SessionKV, store_for
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.verification import Verdict, choice_positions, forward_inputs, kept_rows
@@ -75,6 +76,7 @@ class TargetState:
     tokens: list[int]
     params: SamplingParams
     cache: SessionKV | DynamicCache = field(default_factory=DynamicCache)
+    top_logprobs: int = 0  # alternatives listed at each committed position (receipts)
 
     @property
     def prefix_len(self) -> int:
@@ -465,19 +467,48 @@ class TargetEngine:
                 continue
             prefix = job.state.prefix_len
             rows = logits[row : row + job.size]  # [n + 1, V]
-            chosen = choose_tokens(rows, choice_positions(job.parents, prefix), job.state.params)
-            out.append(accept(job.tokens, job.parents, chosen.tolist()))
+            where = choice_positions(job.parents, prefix)
+            chosen = choose_tokens(rows, where, job.state.params)
+            path, bonus = accept(job.tokens, job.parents, chosen.tolist())
+            out.append((path, bonus, record_facts(rows, where, job, path, bonus)))
             row += job.size
         return out
 
-    def _commit(self, job: VerifyJob, path: list[int], bonus: int) -> Verdict:
+    def _commit(self, job: VerifyJob, path: list[int], bonus: int,
+                facts: list[Facts]) -> Verdict:
         """Keep the accepted path in the cache and extend the committed tokens: what
         `TargetSession.verify` does after choosing."""
         state = job.state
         kvcache.keep_rows(state.cache, kept_rows(state.prefix_len, path))
-        verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path])
+        verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path], facts)
         state.tokens.extend(verdict.new_tokens)
         return verdict
+
+
+def record_facts(rows: torch.Tensor, where: Sequence[int], job: VerifyJob, path: list[int],
+                 bonus: int) -> list[Facts]:
+    """The receipt's facts for one verified tree: the rows of the root and of each
+    accepted node (their choices are the committed tokens). Any engine that has a tree's
+    logits [n + 1, V] and its choice positions can call this."""
+    keep = [0, *(n + 1 for n in path)]
+    committed = [*(int(job.tokens[n]) for n in path), bonus]
+    return position_facts(rows[keep], [where[k] for k in keep], job.state.params, committed,
+                          job.state.top_logprobs)
+
+
+def audit_facts(model: PreTrainedModel, prompt: Sequence[int], committed: Sequence[int],
+                params: SamplingParams) -> list[Facts]:
+    """An auditor's replay of a transcript in one prefill-style forward pass: the
+    target's choice at every committed position, and how far each committed token
+    trailed it. Runs the model as loaded (no packing, no cache), so any engine whose
+    model takes `input_ids` and returns logits can use it."""
+    device = next(model.parameters()).device
+    ids = [*prompt, *committed[:-1]]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=device),
+                       logits_to_keep=len(committed)).logits[0]  # [len(committed), V]
+    where = list(range(len(prompt), len(prompt) + len(committed)))
+    return position_facts(logits, where, params, committed)
 
 
 def _verify_spans(jobs: Sequence[Job]) -> list[tuple[int, int]]:

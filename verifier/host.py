@@ -78,6 +78,7 @@ from libp2p.crypto.keys import KeyPair
 from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.audits import session_digest
 from specedge.protocol.envelopes import (
     frame_envelope_bytes,
     open_request,
@@ -87,7 +88,13 @@ from specedge.protocol.envelopes import (
 from specedge.protocol.errors import ErrorCode, ProtocolError, error_frame
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.identity import peer_id_of
-from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, VERIFY_PROTOCOL, dht_key
+from specedge.protocol.ids import (
+    ADVERT_PROTOCOL,
+    AUDIT_PROTOCOL,
+    PROTOCOL_VERSION,
+    VERIFY_PROTOCOL,
+    dht_key,
+)
 from specedge.protocol.limits import (
     ADMIT_WAIT,
     ADVERT_TIMEOUT,
@@ -112,6 +119,7 @@ from specedge.protocol.validation import (
     validate_verify_request,
 )
 from specedge.sampling import SamplingParams
+from specedge.verifier.audit import serve_audit
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.metrics import VerifierMetrics
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
@@ -203,6 +211,7 @@ class Verifier:
                 async with hosts.running_host(self.key_pair, self.config.listen) as host:
                     host.set_stream_handler(VERIFY_PROTOCOL, self._verify_handler)
                     host.set_stream_handler(ADVERT_PROTOCOL, self._advert_handler)
+                    host.set_stream_handler(AUDIT_PROTOCOL, self._audit_handler)
                     async with self._discovery(host):
                         self.addrs = hosts.peer_addrs(host)
                         for addr in self.addrs:
@@ -324,6 +333,7 @@ class Verifier:
         try:
             state = self.engine.new_state(list(msg.prompt), _sampling(msg.sampling),
                                           msg.max_new_tokens)
+            state.top_logprobs = msg.top_logprobs
         except MemoryFull as exc:
             self.table.release(peer)
             await self._send_error(stream, ProtocolError(
@@ -332,6 +342,7 @@ class Verifier:
             return
         session = Session(new_session_id(), peer, state, msg.max_new_tokens,
                           progress=msg.progress)
+        session.digest = session_digest(msg.model_id, msg.prompt, msg.sampling)
         self.table.add(session)
         self.metrics.sessions_opened.inc()
         self._gauges()
@@ -506,6 +517,7 @@ class Verifier:
         try:
             _, req = open_request(envelope, expected_peer=session.peer)
             seq = req.seq
+            first = len(session.state.tokens)  # where this round's first token will sit
             validate_verify_request(
                 req, self.config.vocab_size, self.config.max_tree_tokens, session.last_seq,
                 session_id=session.id, tokens_left=session.tokens_left,
@@ -521,6 +533,8 @@ class Verifier:
             self.key_pair, verifier_peer=self.peer_id, node_peer=session.peer, request=req,
             request_envelope=envelope, accepted=len(verdict.accepted),
             verify_seconds=outcome.seconds, model_id=self.config.model_id,
+            facts=verdict.facts, session_sha256=session.digest, engine=self.engine_name,
+            first_position=first,
         )
         # Committed whether or not the node hears back: the ledger records the work. And
         # durable before the node hears back: a receipt the node holds must survive this
@@ -681,6 +695,20 @@ class Verifier:
                     await self._send_error(stream, exc)
             except Exception:
                 log.exception("advert stream failed")
+            finally:
+                await _close(stream)
+
+    async def _audit_handler(self, stream: INetStream) -> None:
+        # Contained like every handler; the work is in verifier.audit.
+        with self._handler():
+            try:
+                with self._unopened_slot(str(stream.muxed_conn.peer_id)):
+                    await serve_audit(self, stream)
+            except ProtocolError as exc:
+                if exc.code != ErrorCode.STREAM_CLOSED:
+                    await self._send_error(stream, exc)
+            except Exception:
+                log.exception("audit stream failed")
             finally:
                 await _close(stream)
 
