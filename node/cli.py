@@ -67,6 +67,9 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                    "when a verifier cheats, at the cost of one replay per round")
     p.add_argument("--no-audit", action="store_true",
                    help="never audit (a node that trusts every verifier)")
+    p.add_argument("--prefer-verifier", metavar="PEER_ID",
+                   help="open sessions on this verifier first whenever it is usable (your "
+                   "own, say); the others remain for failover and audits")
     p.add_argument("--proof-dir", metavar="PATH",
                    help="also write each fraud proof here as a file (anyone can check one "
                    "with `specedge-ledger frauds FILE`)")
@@ -151,6 +154,7 @@ async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -
 
     from specedge.node.edge import load_models
 
+    pool.prefer = args.prefer_verifier
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pool.refresh)
         models = await trio.to_thread.run_sync(
@@ -185,6 +189,11 @@ async def _auditing(args: argparse.Namespace, pool: VerifierPool, identity: KeyP
         keep_clean=ledger.record_audit if ledger is not None else None,
         publish=getattr(pool, "publish_proof", None),
         proof_dir=Path(args.proof_dir) if args.proof_dir else None)
+    if ledger is not None:  # the verifiers this node proved to cheat stay banned
+        from specedge.ledger.frauds import list_proofs
+
+        for p in await trio.to_thread.run_sync(list_proofs, ledger.engine):
+            auditor.banned[p.accused] = f"fraud proven earlier (proof {p.proof_sha256[:16]})"
     pool.auditor = auditor
     async with trio.open_nursery() as nursery:
         await nursery.start(auditor.run)

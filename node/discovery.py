@@ -194,6 +194,7 @@ class VerifierPool:
         # Audits of this pool's sessions (node.audit), when enabled; verifiers it proved
         # to cheat are never used again.
         self.auditor: Auditor | None = None
+        self.prefer: str | None = None  # a verifier (peer id) to try first when usable
 
     # -- discovery ---------------------------------------------------------------
 
@@ -364,7 +365,8 @@ class VerifierPool:
         cands = [c for c in self.ranked if c.peer not in avoid and c.peer not in banned]
         home = self._home(prompt)
         first = [c for c in cands if c.peer == home and c.advert.free_slots > 0]
-        return first + [c for c in cands if c.peer != home or not first]
+        order = first + [c for c in cands if c.peer != home or not first]
+        return sorted(order, key=lambda c: c.peer != self.prefer)  # stable: preferred first
 
     def failed(self, verifier: str, reason: str) -> None:
         """Drop a verifier whose session failed until the next refresh probes it again, so
