@@ -315,7 +315,7 @@ def as_node_transcript(t: Transcript):
                           t.sid)
 
 
-def test_a_lying_auditor_is_outvoted_and_one_auditor_is_never_believed_alone(tiny_pair, keys, drafts):
+def test_a_lying_auditor_is_outvoted_and_never_believed_alone(tiny_pair, keys, drafts):
     target = tiny_pair[1]
     node, verifier, a1, a2 = keys
     prompt, chains = drafts

@@ -175,7 +175,8 @@ CASES: list[tuple[str, Callable[[], None], ErrorCode]] = [
     ("result: bonus out of vocab", lambda: check_result(result(bonus_token=VOCAB)),
      E.TOKEN_OUT_OF_VOCAB),
     ("result: no receipt", lambda: check_result(result(receipt=b"")), E.MALFORMED),
-    ("result: huge receipt", lambda: check_result(result(receipt=b"r" * (MAX_RECEIPT_ENVELOPE_BYTES + 1))), E.TOO_LARGE),
+    ("result: huge receipt",
+     lambda: check_result(result(receipt=b"r" * (MAX_RECEIPT_ENVELOPE_BYTES + 1))), E.TOO_LARGE),
     # Receipt
     ("receipt: no node", lambda: check_receipt(receipt(node_peer_id="")), E.MALFORMED),
     ("receipt: not base58", lambda: check_receipt(receipt(verifier_peer_id="0OIl")), E.MALFORMED),
