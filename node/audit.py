@@ -352,6 +352,15 @@ class Auditor:
             except Exception as exc:
                 log.warning("could not publish the fraud proof: %s", exc)
 
+    def adopt(self, proof: bytes, verifier: str, why: str) -> None:
+        """Another node's (checked) proof: ban the verifier and keep the proof too."""
+        self.banned.setdefault(verifier, why)
+        if self.keep_proof is not None:
+            try:
+                self.keep_proof(proof)
+            except Exception as exc:
+                log.warning("could not store a fraud proof heard on the network: %s", exc)
+
     def status(self) -> dict[str, object]:
         """For the status display and `generate --json`."""
         return {**self.stats.as_dict(), "banned": dict(self.banned),

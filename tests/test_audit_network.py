@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultutil import Verifier, node_generate
-from netutil import TESTS
+from faultutil import Join, Verifier, node_generate
+from netutil import TESTS, wait_until
 
 from specedge.engine import autoregressive_generate
 from specedge.models import build_tiny
@@ -161,3 +161,31 @@ def test_an_honest_network_is_never_accused(greedy, tmp_path, dtype):
         if dtype == "float32":
             assert out["token_ids"] == greedy(prompt, 32)
     assert audited >= len(outs)
+
+
+@pytest.mark.slow
+def test_a_proof_gossiped_on_the_network_protects_another_node(greedy, tmp_path):
+    """Node 2 runs (and prefers the cheater) while node 1 convicts it: node 2 hears the
+    proof on the fraud topic, checks it, keeps it and never uses the cheater."""
+    vs = network(tmp_path, cheater(tmp_path, "lazy", "accept-all"))
+    other = None
+    try:
+        other = Join(tmp_path, "node2", *[v.addr for v in vs],
+                     extra=("--prefer-verifier", vs[2].peer)).ready()
+        out = generate(tmp_path, "node1", vs, vs[2], "--audit-sync")
+        assert out["audits"]["frauds"] == 1
+
+        def heard() -> bool:
+            res = ledger_cli("--ledger", str(tmp_path / "node2.sqlite3"), "frauds", "--json")
+            return res.returncode == 0 and any(r["accused"] == vs[2].peer
+                                               for r in json.loads(res.stdout or "[]"))
+
+        wait_until(heard, 60, "node 2 to hear the proof", interval=1.0)
+        res = other.complete(PROMPT, N).json()
+        assert vs[2].peer not in res["specedge"]["verifiers"]
+        assert res["specedge"]["token_ids"] == greedy(PROMPT, N)
+    finally:
+        if other is not None:
+            other.proc.kill()
+        for v in vs:
+            v.kill()

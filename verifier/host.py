@@ -87,6 +87,7 @@ from specedge.protocol.envelopes import (
 )
 from specedge.protocol.errors import ErrorCode, ProtocolError, error_frame
 from specedge.protocol.framing import read_frame, write_frame
+from specedge.protocol.gossip import fraud_gossip
 from specedge.protocol.identity import peer_id_of
 from specedge.protocol.ids import (
     ADVERT_PROTOCOL,
@@ -164,6 +165,7 @@ class VerifierConfig:
     announce_file: str | None = None
     dht: bool = True
     reannounce_interval: float = hosts.REANNOUNCE_INTERVAL
+    gossip: bool = True  # relay fraud proofs (protocol.gossip)
 
 
 class Verifier:
@@ -212,7 +214,7 @@ class Verifier:
                     host.set_stream_handler(VERIFY_PROTOCOL, self._verify_handler)
                     host.set_stream_handler(ADVERT_PROTOCOL, self._advert_handler)
                     host.set_stream_handler(AUDIT_PROTOCOL, self._audit_handler)
-                    async with self._discovery(host):
+                    async with self._discovery(host), self._gossip(host):
                         self.addrs = hosts.peer_addrs(host)
                         for addr in self.addrs:
                             print(addr, flush=True)
@@ -253,6 +255,12 @@ class Verifier:
                         interval=self.config.reannounce_interval, task_status=task_status))
                 yield
                 nursery.cancel_scope.cancel()
+
+    def _gossip(self, host: IHost) -> contextlib.AbstractAsyncContextManager[object]:
+        """Relay fraud proofs on the network's pubsub topic (protocol.gossip)."""
+        if not self.config.gossip:
+            return contextlib.nullcontext()
+        return fraud_gossip(host)
 
     async def _shutdown(self) -> None:
         """Stop accepting, answer what is in flight, then let the nurseries unwind.
