@@ -97,14 +97,20 @@ def _json_default(o: object) -> object:
 
 
 def cmd_balance(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
+    from specedge.ledger.frauds import credit_state
+
     rows = [ledger.balance(args.peer)] if args.peer else ledger.balances()
     total = sum(b.balance for b in ledger.balances())
+    # Verification credit is pending until audited clean, forfeited on a proven fraud.
+    states = {b.account: credit_state(ledger.engine, b.account) if b.verify_credit else ""
+              for b in rows}
     if out.as_json:
-        out.json({"balances": [asdict(b) for b in rows], "sum_of_all_balances": total})
+        out.json({"balances": [{**asdict(b), "verify_credit_state": states[b.account]}
+                               for b in rows], "sum_of_all_balances": total})
         return 0
     t = Table(title="Credit balances (token units)")
-    for col in ("account", "balance", "draft credit", "verify credit", "entries"):
-        t.add_column(col, justify="left" if col == "account" else "right")
+    for col in ("account", "balance", "draft credit", "verify credit", "entries", "verify state"):
+        t.add_column(col, justify="left" if col in ("account", "verify state") else "right")
     for b in rows:
         t.add_row(
             _short(b.account, out.full),
@@ -112,6 +118,7 @@ def cmd_balance(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
             f"{b.draft_credit:,}",
             f"{b.verify_credit:,}",
             f"{b.entries:,}",
+            states[b.account],
         )
     t.caption = f"sum of all balances: {total} (double entry: always 0)"
     out.table(t)

@@ -22,6 +22,7 @@ from node_fakes import MemStream
 
 from specedge.audit import Facts, ReceiptContradiction, check_round
 from specedge.ledger import open_ledger
+from specedge.ledger.frauds import CLEAR_AFTER, credit_state
 from specedge.node.audit import Auditor, AuditPolicy, rate_after
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.audits import (
@@ -228,6 +229,12 @@ def test_fraud_proof_checks_and_a_third_process_agrees(tiny_pair, keys, drafts, 
     with open_ledger(url) as ledger:
         assert ledger.store_proof(proof).new and not ledger.store_proof(proof).new
         assert ledger.verify().ok
+        honest = peer_id_of(keys[2])
+        assert credit_state(ledger.engine, honest) == "pending"
+        for _ in range(CLEAR_AFTER):
+            ledger.record_audit(honest, peer_id_of(keys[3]), b"s" * 16, 30, 0)
+        assert credit_state(ledger.engine, honest) == "cleared"
+        assert credit_state(ledger.engine, found.accused) == "forfeited"
     path = tmp_path / "proof.pb"
     path.write_bytes(proof)
     cli = [sys.executable, "-m", "specedge.ledger.cli"]
