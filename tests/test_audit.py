@@ -368,3 +368,18 @@ def test_two_honest_auditors_convict_and_the_proof_is_kept(tiny_pair, keys, draf
     assert aud.stats.frauds == 1 and aud.stats.disputes == 1
     assert banned == [peer_id_of(verifier)] and peer_id_of(verifier) in aud.banned
     assert check_proof(kept[0]).accused == peer_id_of(verifier)
+
+
+def test_a_chunked_replay_chooses_what_the_verifier_chose(tiny_pair, drafts):
+    """The auditor's replay, in any chunk size, agrees with an honest verifier's session
+    at every position (float32: no near-ties on these prompts)."""
+    target = tiny_pair[1]
+    prompt, chains = drafts
+    ts = TargetSession(target, prompt, SAMPLED)
+    committed = []
+    for tokens in chains:
+        committed += ts.verify(tokens, chain(tokens)).new_tokens
+    for size in (3, 7, 512):
+        facts = audit_facts(target, prompt, committed, SAMPLED, chunk=size)
+        assert [f.token for f in facts] == committed
+        assert all(f.deficit == 0 for f in facts)

@@ -5,9 +5,10 @@ never the first verifier's answers) to a verifier that did not serve the session
 auditor runs the transcript through its target in one prefill-style forward pass
 (`engine.audit_facts`), and answers, signed, with its own choice at every committed
 position and how far each committed token trailed it. One exchange per stream; refusals
-are Error frames as on the verify protocol. Audits run one at a time, beside the
-scheduler's passes, and their time is counted apart (`specedge_audit_seconds`), so the
-cost of auditing shows next to the cost of verifying.
+are Error frames as on the verify protocol. Audits run one at a time, in prefill-sized
+chunks that take turns with the scheduler's passes (the engine's lock), so a long replay
+never stalls the sessions being served; their time is counted apart
+(`specedge_audit_seconds`), so the cost of auditing shows next to the cost of verifying.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ async def serve_audit(verifier: Verifier, stream: INetStream) -> None:
         raise ProtocolError(ErrorCode.LIMIT_REACHED, "transcript longer than the context")
     params = params_of(req.sampling)
     start = time.perf_counter()
+    engine = verifier.engine
     facts = await trio.to_thread.run_sync(
-        audit_facts, verifier.engine.model, list(req.prompt), list(req.committed), params,
+        lambda: audit_facts(engine.model, list(req.prompt), list(req.committed), params,
+                            chunk=getattr(engine, "prefill_chunk", 512),
+                            lock=getattr(engine, "lock", None)),
         limiter=_ONE_AT_A_TIME)
     seconds = time.perf_counter() - start
     verifier.metrics.record_audit(seconds, len(req.committed))

@@ -40,6 +40,7 @@ Thread use: one pass at a time (the scheduler's single engine thread).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -341,6 +342,7 @@ class TargetEngine:
         # does, so a session's cache is the same as the one-session forward's.
         self.prefill_chunk = prefill_chunk
         self.passes = 0
+        self.lock = threading.Lock()
         # Test-only: seconds added to every pass, to play a slow machine (a CPU without
         # native bf16 takes 30 s for a 100-token prefill) with the tiny model.
         self.extra_pass_seconds = 0.0
@@ -405,6 +407,10 @@ class TargetEngine:
         Each session appears at most once per pass. On failure every session is left as
         it was (caches cut back, nothing committed) and the exception propagates.
         """
+        with self.lock:  # one pass at a time, audit chunks (verifier.audit) between them
+            return self._run(jobs)
+
+    def _run(self, jobs: Sequence[Job]) -> PassResult:
         if len({id(j.state) for j in jobs}) != len(jobs):
             raise ValueError("a session appears twice in one pass")
         if not jobs:
@@ -497,18 +503,35 @@ def record_facts(rows: torch.Tensor, where: Sequence[int], job: VerifyJob, path:
 
 
 def audit_facts(model: PreTrainedModel, prompt: Sequence[int], committed: Sequence[int],
-                params: SamplingParams) -> list[Facts]:
-    """An auditor's replay of a transcript in one prefill-style forward pass: the
-    target's choice at every committed position, and how far each committed token
-    trailed it. Runs the model as loaded (no packing, no cache), so any engine whose
-    model takes `input_ids` and returns logits can use it."""
+                params: SamplingParams, chunk: int = 512,
+                lock: threading.Lock | None = None) -> list[Facts]:
+    """An auditor's replay of a transcript, prefill-style: the target's choice at every
+    committed position, and how far each committed token trailed it. Runs the model as
+    loaded (no packing), `chunk` tokens a forward, each under `lock` (the engine's, so
+    an audit takes turns with the passes instead of stalling them); any engine whose
+    model takes `input_ids` and a cache and returns logits can use it."""
     device = next(model.parameters()).device
     ids = [*prompt, *committed[:-1]]
+    first = len(prompt) - 1  # the row whose logits choose committed[0]
+    cache = DynamicCache()
+    facts: list[Facts] = []
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=device),
-                       logits_to_keep=len(committed)).logits[0]  # [len(committed), V]
-    where = list(range(len(prompt), len(prompt) + len(committed)))
-    return position_facts(logits, where, params, committed)
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            keep = len(part) - max(first - start, 0)  # rows of this chunk that choose
+            with lock or contextlib.nullcontext():
+                logits = model(input_ids=torch.tensor([part], device=device),
+                               position_ids=torch.arange(start, start + len(part),
+                                                         device=device)[None],
+                               past_key_values=cache, use_cache=True,
+                               logits_to_keep=max(keep, 1)).logits[0]
+            if keep <= 0:
+                continue
+            where = list(range(start + len(part) - keep + 1, start + len(part) + 1))
+            done = len(facts)
+            facts += position_facts(logits[-keep:], where, params,
+                                    committed[done : done + keep])
+    return facts
 
 
 def _verify_spans(jobs: Sequence[Job]) -> list[tuple[int, int]]:
