@@ -163,12 +163,13 @@ async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -
     return models
 
 
-AUDIT_DRAIN = 300.0  # seconds an exiting node waits for the audits it still owes
+AUDIT_DRAIN = 300.0  # seconds `generate` waits at exit for the audits it still owes
+JOIN_AUDIT_DRAIN = 10.0  # a stopping `join` finishes audits under way only briefly
 
 
 @asynccontextmanager
 async def _auditing(args: argparse.Namespace, pool: VerifierPool, identity: KeyPair,
-                    book: object) -> AsyncIterator[object]:
+                    book: object, drain: float = AUDIT_DRAIN) -> AsyncIterator[object]:
     """The node's auditor (node.audit) running for the block; None with --no-audit.
     On exit it finishes the audits already sampled (bounded), so a one-shot `generate`
     still catches a cheater."""
@@ -202,7 +203,7 @@ async def _auditing(args: argparse.Namespace, pool: VerifierPool, identity: KeyP
         finally:
             auditor.close()
             with trio.CancelScope(shield=True):
-                await auditor.drain(AUDIT_DRAIN)
+                await auditor.drain(drain)
             nursery.cancel_scope.cancel()
 
 
@@ -342,7 +343,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             async with _network(args, identity) as pool:
                 models = await _models_and_first_look(args, pool)
                 async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book, \
-                        _auditing(args, pool, identity, book):
+                        _auditing(args, pool, identity, book, JOIN_AUDIT_DRAIN):
                     edge = Edge(models, pool, book=book, shape=args.tree,
                                 proactive=not args.no_proactive)
                     app = create_app(edge, args.model_name)
