@@ -45,7 +45,7 @@ from specedge.protocol.envelopes import request_digest, request_envelope
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.identity import peer_id_of
-from specedge.protocol.limits import FRAME_LIMITS, MAX_AUDIT_TOKENS
+from specedge.protocol.limits import FRAME_LIMITS, MAX_AUDIT_TOKENS, SILENCE_TIMEOUT
 from specedge.protocol.validation import expect
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ log = logging.getLogger("specedge.node.audit")
 
 TRUST_AFTER = 5  # clean audits of a verifier before its sessions are sampled
 FLOOR_RATE = 0.05  # the lowest sampling rate, however long a verifier has been clean
-AUDIT_TIMEOUT = 120.0  # one replay: a prefill of the transcript on a busy verifier
+AUDIT_TIMEOUT = 120.0  # the longest wait for one replay, whatever the estimate
+AUDIT_SLACK = 4.0  # times the auditor's own prefill estimate a replay may take
 AUDITORS_TRIED = 3  # auditors asked in turn when one cannot be reached
 
 
@@ -142,6 +143,17 @@ class Transcript:
                    kept[0].engine if kept else "",
                    [r.request_envelope for r in kept], [r.receipt_envelope for r in kept],
                    kept[0].session_id if kept else b"")
+
+
+def replay_timeout(cand: AuditTarget, tokens: int) -> float:
+    """How long to wait for a replay of `tokens`: the silence timeout plus a multiple of
+    what the auditor's advertised prefill speed says it takes (a frozen or dead auditor
+    is left within seconds; another is asked), at most AUDIT_TIMEOUT."""
+    advert = getattr(cand, "advert", None)
+    rate = getattr(advert, "prefill_tokens_per_s", 0.0) or 0.0
+    if rate <= 0:  # not measured yet
+        return 3 * SILENCE_TIMEOUT
+    return min(SILENCE_TIMEOUT + AUDIT_SLACK * tokens / rate, AUDIT_TIMEOUT)
 
 
 class Auditor:
@@ -295,7 +307,7 @@ class Auditor:
         for cand in pool[:AUDITORS_TRIED]:
             start = time.perf_counter()
             try:
-                answer_env = await self._ask(cand, env)
+                answer_env = await self._ask(cand, env, len(t.prompt) + len(t.committed))
                 _, answer = open_audit_answer(answer_env, expected_peer=cand.peer)
                 finding = judge(t.committed, t.margins, t.engine, answer, request_digest(env))
             except (ProtocolError, ConnectionError) as exc:
@@ -311,12 +323,12 @@ class Auditor:
             return cand.peer, answer_env, finding
         return None
 
-    async def _ask(self, cand: AuditTarget, env: bytes) -> bytes:
+    async def _ask(self, cand: AuditTarget, env: bytes, tokens: int) -> bytes:
         stream = await self.open_stream(cand)
         try:
             await write_frame(stream, pb.Frame(audit_request=request_envelope(env)))
             frame = await read_frame(stream, max_size=FRAME_LIMITS["audit_answer"],
-                                     timeout=AUDIT_TIMEOUT)
+                                     timeout=replay_timeout(cand, tokens))
             expect(frame, "audit_answer")
             return frame.audit_answer.SerializeToString()
         finally:
