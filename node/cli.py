@@ -64,7 +64,9 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                    "it has been audited clean 5 times, then less often, down to 5%%)")
     p.add_argument("--audit-sync", action="store_true",
                    help="audit every round before its tokens are used: exact output even "
-                   "when a verifier cheats, at the cost of one replay per round")
+                   "when a verifier cheats, at the cost of one replay per round (needs two "
+                   "other verifiers to audit and settle disputes; a round none can audit "
+                   "fails over)")
     p.add_argument("--no-audit", action="store_true",
                    help="never audit (a node that trusts every verifier)")
     p.add_argument("--prefer-verifier", metavar="PEER_ID",
