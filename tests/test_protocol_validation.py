@@ -103,6 +103,8 @@ CASES: list[tuple[str, Callable[[], None], ErrorCode]] = [
     ("open: unknown major version", lambda: check_open(open_session(client_version="2.0.0")),
      E.UNSUPPORTED_VERSION),
     ("open: no version", lambda: check_open(open_session(client_version="")), E.MALFORMED),
+    ("open: too many logprobs", lambda: check_open(open_session(top_logprobs=21)),
+     E.INVALID_PARAMETER),
     ("open: no model", lambda: check_open(open_session(model_id="")), E.MALFORMED),
     ("open: control chars", lambda: check_open(open_session(model_id="a\nb")), E.MALFORMED),
     ("open: long model id", lambda: check_open(open_session(model_id="m" * 257)), E.TOO_LARGE),
