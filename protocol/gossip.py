@@ -27,7 +27,7 @@ from specedge.protocol.limits import MAX_FRAUD_PROOF_BYTES
 log = logging.getLogger("specedge.protocol.gossip")
 
 FRAUD_TOPIC = "/specedge/frauds/1.0.0"
-GOSSIP_MAX_BYTES = 4 * 1024 * 1024  # proofs larger than this stay in ledgers and files
+GOSSIP_MAX_BYTES = 1024 * 1024  # proofs larger than this stay in ledgers and files
 
 OnProof = Callable[[bytes, ProvenFraud], None]
 
@@ -68,14 +68,16 @@ async def fraud_gossip(host: IHost, on_proof: OnProof | None = None
     pubsub = Pubsub(host, router)
     gossip = FraudGossip(pubsub)
 
-    def validator(peer: object, msg: object) -> bool:
-        ok = _valid(bytes(getattr(msg, "data", b""))) is not None
+    async def validator(peer: object, msg: object) -> bool:
+        # Off the event loop: a large proof is many signature checks.
+        data = bytes(getattr(msg, "data", b""))
+        ok = await trio.to_thread.run_sync(_valid, data) is not None
         gossip.refused += not ok
         return ok
 
     async with background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()
-        pubsub.set_topic_validator(FRAUD_TOPIC, validator, False)
+        pubsub.set_topic_validator(FRAUD_TOPIC, validator, True)
         sub = await pubsub.subscribe(FRAUD_TOPIC)
         async with trio.open_nursery() as nursery:
             if on_proof is not None:
