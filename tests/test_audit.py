@@ -8,6 +8,7 @@ tiny target and sign their answers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -383,3 +384,43 @@ def test_a_chunked_replay_chooses_what_the_verifier_chose(tiny_pair, drafts):
         facts = audit_facts(target, prompt, committed, SAMPLED, chunk=size)
         assert [f.token for f in facts] == committed
         assert all(f.deficit == 0 for f in facts)
+
+
+@pytest.mark.slow
+def test_gossip_delivers_valid_proofs_and_drops_forged_ones(tiny_pair, keys, drafts):
+    """Three hosts on the fraud topic (a relay between a publisher and a listener): the
+    listener hears the valid proof once and never the forged one."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from specedge.protocol import hosts
+    from specedge.protocol.gossip import fraud_gossip
+
+    t, env, answers, pos = fraud_case(tiny_pair, keys, drafts)
+    valid = proof_of(t, answers, env, pos)
+    forged = proof_of(t, answers[:1], env, pos)
+    heard: list[str] = []
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with contextlib.AsyncExitStack() as stack:
+                relay, pub, sub = [await stack.enter_async_context(hosts.running_host(
+                    create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"])) for _ in range(3)]
+                await stack.enter_async_context(fraud_gossip(relay))
+                gossip = await stack.enter_async_context(fraud_gossip(pub))
+                await stack.enter_async_context(
+                    fraud_gossip(sub, lambda data, found: heard.append(found.accused)))
+                where = info_from_p2p_addr(Multiaddr(hosts.peer_addrs(relay)[0]))
+                for h in (pub, sub):
+                    await h.connect(where)
+                await trio.sleep(3)  # meshes form on the 1 s heartbeat
+                for data in (forged, valid):
+                    with contextlib.suppress(Exception):  # our own validator may refuse
+                        await gossip.publish(data)
+                with trio.move_on_after(10):
+                    while not heard:
+                        await trio.sleep(0.2)
+                await trio.sleep(1)
+
+    trio.run(main)
+    assert heard == [peer_id_of(keys[1])]
