@@ -187,14 +187,8 @@ def completion_job(body: dict, edge: Edge) -> Job:
     job = _common(body, ids, DEFAULT_COMPLETION_TOKENS, len(tok))
     if body.get("logprobs") is not None:  # the legacy API: an integer, alternatives wanted
         job.logprobs = int(_number(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
-    return _with_logprobs(job)
-
-
-def _with_logprobs(job: Job) -> Job:
-    if job.logprobs is not None and job.stream:
-        raise ApiError(400, "logprobs are returned with stream=false only", param="logprobs",
-                       code="unsupported_parameter")
     return job
+
 
 
 def _content(message: dict, i: int) -> str:
@@ -244,7 +238,7 @@ def chat_job(body: dict, edge: Edge) -> Job:
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     if want:
         job.logprobs = int(_number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
-    return _with_logprobs(job)
+    return job
 
 
 # ---------------------------------------------------------------------------- logprobs
@@ -262,8 +256,14 @@ def logprobs_object(gen: NodeGeneration, job: Job, tok: PreTrainedTokenizerBase,
     log-probability of each token (and of the `job.logprobs` likeliest alternatives)."""
     if job.logprobs is None:
         return None
-    k = job.logprobs
-    facts = token_facts(gen)
+    return logprobs_of(token_facts(gen), job.logprobs, tok, chat,
+                       len(tok.decode(job.prompt_ids)))
+
+
+def logprobs_of(facts: list[Facts], k: int, tok: PreTrainedTokenizerBase, chat: bool,
+                offset: int) -> dict:
+    """The `logprobs` object for these tokens (a whole answer, or a streamed chunk's);
+    `offset`: the completion API's text offset of the first one."""
 
     def text(t: int) -> str:
         return tok.decode([t])
@@ -275,7 +275,7 @@ def logprobs_object(gen: NodeGeneration, job: Job, tok: PreTrainedTokenizerBase,
                               for t, lp in zip(f.top_tokens[:k], f.top_logprobs[:k],
                                                strict=True)]}
             for f in facts]}
-    offsets, at = [], len(tok.decode(job.prompt_ids))
+    offsets, at = [], offset
     for f in facts:
         offsets.append(at)
         at += len(text(f.token))
@@ -284,6 +284,35 @@ def logprobs_object(gen: NodeGeneration, job: Job, tok: PreTrainedTokenizerBase,
             "top_logprobs": [{text(t): lp for t, lp in zip(f.top_tokens[:k], f.top_logprobs[:k],
                                                          strict=True)} for f in facts],
             "text_offset": offsets}
+
+
+class StreamedLogprobs:
+    """Facts of streamed tokens, handed out with the chunk that carries their text.
+
+    Each round's facts arrive with its "round" event, just before its tokens; the text
+    of some tokens is held back (a possible stop string), so their logprobs wait for the
+    next chunk that has text, or the last one."""
+
+    def __init__(self, job: Job, tok: PreTrainedTokenizerBase, chat: bool) -> None:
+        self.job, self.tok, self.chat = job, tok, chat
+        self.round: list[Facts] = []
+        self.owed: list[Facts] = []
+        self.offset = len(tok.decode(job.prompt_ids))
+
+    def heard(self, facts: list[Facts]) -> None:
+        self.round = list(facts)
+
+    def tokens(self, ids: list[int]) -> None:
+        self.owed += self.round[: len(ids)]  # a round's tokens may be cut at the end
+        self.round = []
+
+    def take(self) -> dict | None:
+        if self.job.logprobs is None:
+            return None
+        out = logprobs_of(self.owed, self.job.logprobs, self.tok, self.chat, self.offset)
+        self.offset += sum(len(self.tok.decode([f.token])) for f in self.owed)
+        self.owed = []
+        return out
 
 
 # ---------------------------------------------------------------------------- text
@@ -369,13 +398,15 @@ class _Shape:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._base(False), "choices": [choice], "usage": usage, "specedge": extra}
 
-    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if role else (
                 {} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+                      "finish_reason": finish}
         return {**self._base(True), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -473,25 +504,30 @@ async def _serve(request: Request, edge: Edge, model: str, chat: bool) -> Respon
                                         _extra(gen),
                                         logprobs_object(gen, job, edge.tokenizer, chat)))
 
+    logprobs = StreamedLogprobs(job, edge.tokenizer, chat)
+
     async def produce(emit: Callable[[bytes], None]) -> None:
         def on_tokens(ids: list[int]) -> None:
+            logprobs.tokens(ids)
             delta = text.push(ids)
             if delta:
-                emit(_sse(shape.chunk(delta)))
+                emit(_sse(shape.chunk(delta, logprobs=logprobs.take())))
 
         def on_event(kind: str, info: dict) -> None:
             if kind == "session" and chat and not produce.started:
                 produce.started = True
                 emit(_sse(shape.chunk(None, role=True)))
+            elif kind == "round":
+                logprobs.heard(info.get("facts", []))
 
         produce.started = False
         gen = await edge.generate(job.prompt_ids, job.max_tokens, job.params,
                                   on_tokens=on_tokens, on_event=on_event,
-                                  stop=lambda: text.stopped)
+                                  stop=lambda: text.stopped, top_logprobs=job.logprobs or 0)
         finish = "stop" if text.stopped else gen.finish_reason
         tail = text.finish()
-        if tail:
-            emit(_sse(shape.chunk(tail)))
+        if tail or logprobs.owed:
+            emit(_sse(shape.chunk(tail, logprobs=logprobs.take())))
         emit(_sse(shape.chunk(None, finish=finish)))
         if job.include_usage:
             emit(_sse(shape.usage_chunk(_usage(job, len(gen.token_ids)))))

@@ -334,7 +334,8 @@ class _Run:
         self.round_trips.append(result.round_trip_s)
         if n:
             self.stats.record_round(n, len(result.accepted))
-        self._event("round", verifier=verifier, drafted=n, accepted=len(result.accepted))
+        self._event("round", verifier=verifier, drafted=n, accepted=len(result.accepted),
+                    facts=result.receipt.facts)
         new = [tree.tokens[i] for i in result.accepted] + [result.bonus]
         self.committed.extend(new)
         self.receipts.append(result.receipt)

@@ -152,6 +152,11 @@ def test_completion_logprobs_are_the_targets_from_the_receipts(client, server):
         assert 1 <= len(lp.top_logprobs[i]) <= 3  # keyed by text: byte tokens may collide
         assert max(lp.top_logprobs[i].values()) <= lp.token_logprobs[i] + 1e-6  # greedy
     assert "".join(lp.tokens) == server.tok.decode(ids)
+    chunks = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12,
+                                       temperature=0, logprobs=3, stream=True)
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
 
 
 def test_chat_logprobs_and_top_logprobs(client, server):
@@ -166,6 +171,13 @@ def test_chat_logprobs_and_top_logprobs(client, server):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-test", messages=[{"role": "user",
                                        "content": "hi"}], max_tokens=2, top_logprobs=2)
+    # Streamed: each chunk carries its tokens' logprobs; together, the same as whole.
+    chunks = client.chat.completions.create(
+        model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        temperature=0.7, seed=3, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs
+                for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
 
 
 def test_seeded_sampling_is_reproducible(client):
