@@ -97,14 +97,20 @@ def _json_default(o: object) -> object:
 
 
 def cmd_balance(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
+    from specedge.ledger.frauds import credit_state
+
     rows = [ledger.balance(args.peer)] if args.peer else ledger.balances()
     total = sum(b.balance for b in ledger.balances())
+    # Verification credit is pending until audited clean, forfeited on a proven fraud.
+    states = {b.account: credit_state(ledger.engine, b.account) if b.verify_credit else ""
+              for b in rows}
     if out.as_json:
-        out.json({"balances": [asdict(b) for b in rows], "sum_of_all_balances": total})
+        out.json({"balances": [{**asdict(b), "verify_credit_state": states[b.account]}
+                               for b in rows], "sum_of_all_balances": total})
         return 0
     t = Table(title="Credit balances (token units)")
-    for col in ("account", "balance", "draft credit", "verify credit", "entries"):
-        t.add_column(col, justify="left" if col == "account" else "right")
+    for col in ("account", "balance", "draft credit", "verify credit", "entries", "verify state"):
+        t.add_column(col, justify="left" if col in ("account", "verify state") else "right")
     for b in rows:
         t.add_row(
             _short(b.account, out.full),
@@ -112,6 +118,7 @@ def cmd_balance(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
             f"{b.draft_credit:,}",
             f"{b.verify_credit:,}",
             f"{b.entries:,}",
+            states[b.account],
         )
     t.caption = f"sum of all balances: {total} (double entry: always 0)"
     out.table(t)
@@ -285,7 +292,8 @@ def cmd_verify(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
         return 0 if rep.ok else EXIT_BAD
     summary = (
         f"{rep.receipts:,} receipts in {rep.chains} chains, {rep.credit_entries:,} credit entries, "
-        f"{rep.peers} peers, {rep.sessions:,} sessions checked in {rep.seconds:.2f} s"
+        f"{rep.peers} peers, {rep.sessions:,} sessions, {rep.proofs} fraud proofs checked in "
+        f"{rep.seconds:.2f} s"
     )
     if rep.ok:
         out.console.print(f"[green]OK[/green]: {summary}; every signature, link and leg is intact.")
@@ -321,6 +329,49 @@ _EXPORT_FIELDS = (
     "first_unix_ms",
     "last_unix_ms",
 )
+
+
+def cmd_frauds(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
+    """List stored fraud proofs; with FILE, check a proof file (and --store it)."""
+    from specedge.ledger.frauds import credit_state, list_proofs, store_proof
+    from specedge.protocol.audits import FraudProofError, check_proof
+
+    if args.file:
+        data = Path(args.file).read_bytes()
+        try:
+            found = store_proof(ledger.engine, data) if args.store else check_proof(data)
+        except FraudProofError as exc:
+            if out.as_json:
+                out.json({"valid": False, "error": str(exc)})
+            else:
+                out.console.print(f"[red]NOT A PROOF[/red]: {exc}")
+            return EXIT_BAD
+        info = {"valid": True, "accused": found.accused, "node": found.node,
+                "position": found.position, "auditors": list(found.auditors),
+                "model_id": found.model_id}
+        if out.as_json:
+            out.json(info)
+        else:
+            out.console.print(f"[green]VALID[/green]: {found.accused} committed a token at "
+                              f"position {found.position} that auditors "
+                              f"{', '.join(found.auditors)} show the target would not choose")
+        return 0
+    proofs = list_proofs(ledger.engine)
+    rows = [{"proof_sha256": p.proof_sha256, "accused": p.accused, "node": p.node,
+             "model_id": p.model_id, "position": p.position, "auditors": p.auditors,
+             "stored_ms": p.stored_ms, "credit": credit_state(ledger.engine, p.accused)}
+            for p in proofs]
+    if out.as_json:
+        out.json(rows)
+        return 0
+    t = Table(title=f"Fraud proofs ({len(rows)})")
+    for col in ("accused", "position", "auditors", "credit", "proof"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["accused"]), str(r["position"]), ", ".join(r["auditors"]),
+                  str(r["credit"]), str(r["proof_sha256"])[:16])
+    out.table(t)
+    return 0
 
 
 def cmd_export(ledger: Ledger, args: argparse.Namespace, out: Output) -> int:
@@ -514,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--anchor", help="JSON from an earlier `heads --json`")
     s.add_argument("--jobs", type=int, default=1, help="processes for signature checks")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("frauds", parents=[common],
+                       help="fraud proofs held, or check one (FILE) without trusting anyone")
+    s.add_argument("file", nargs="?", metavar="FILE",
+                   help="a fraud proof file (specedge-node writes them) to check")
+    s.add_argument("--store", action="store_true", help="keep FILE in the ledger if valid")
+    s.set_defaults(func=cmd_frauds)
 
     s = sub.add_parser("export", parents=[common], help="per-peer statistics (CSV or JSON)")
     s.add_argument("--format", choices=("csv", "json"), default="csv")

@@ -959,6 +959,21 @@ class Ledger:
 
         return verify_ledger(self.engine, anchor=anchor, jobs=jobs)
 
+    # ------------------------------------------------------------------ audits
+
+    def store_proof(self, data: bytes):  # type: ignore[no-untyped-def]
+        """Check and keep a fraud proof; see `frauds.store_proof`."""
+        from specedge.ledger.frauds import store_proof
+
+        return store_proof(self.engine, data)
+
+    def record_audit(self, verifier: str, auditor: str, session_id: bytes, tokens: int,
+                     near_ties: int) -> None:
+        """Note a clean audit of a verifier's session; see `frauds.record_audit`."""
+        from specedge.ledger.frauds import record_audit
+
+        record_audit(self.engine, verifier, auditor, session_id, tokens, near_ties)
+
     def iter_receipt_pairs(self, batch: int = 1000) -> Iterator[tuple[bytes, bytes]]:
         """Every stored (receipt envelope, request envelope), in chain order (for re-export)."""
         q = select(receipts.c.receipt_envelope, receipts.c.request_envelope).order_by(

@@ -156,6 +156,40 @@ class Baseline(Base):
     recorded_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class FraudProofRow(Base):
+    """A fraud proof (protocol.audits.check_proof), stored whole; the other columns are
+    what it proves, kept for queries and re-derived by `verify`."""
+
+    __tablename__ = "fraud_proofs"
+    __table_args__ = (Index("ix_fraud_proofs_accused", "accused"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    proof_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    accused: Mapped[str] = mapped_column(String(PEER_ID_LEN))
+    node: Mapped[str] = mapped_column(String(PEER_ID_LEN))
+    model_id: Mapped[str] = mapped_column(String(MODEL_ID_LEN))
+    position: Mapped[int] = mapped_column(Integer)
+    auditors: Mapped[str] = mapped_column(String(1024))  # comma-separated peer ids
+    proof: Mapped[bytes] = mapped_column(LargeBinary)
+    stored_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditRecord(Base):
+    """One audit of a verifier's session that came back clean (near-ties excused):
+    what releases the verifier's pending credit."""
+
+    __tablename__ = "audit_records"
+    __table_args__ = (Index("ix_audit_records_verifier", "verifier"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    verifier: Mapped[str] = mapped_column(String(PEER_ID_LEN))
+    auditor: Mapped[str] = mapped_column(String(PEER_ID_LEN))
+    session_id: Mapped[bytes] = mapped_column(LargeBinary)
+    tokens: Mapped[int] = mapped_column(Integer)
+    near_ties: Mapped[int] = mapped_column(Integer)
+    recorded_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 peers = Peer.__table__
 sessions = Session.__table__
 receipts = Receipt.__table__
@@ -163,6 +197,8 @@ chain_heads = ChainHead.__table__
 credit_entries = CreditEntry.__table__
 prices = Price.__table__
 baselines = Baseline.__table__
+fraud_proofs = FraudProofRow.__table__
+audit_records = AuditRecord.__table__
 
 # Tables whose every row is evidence that `verify` checks (prices/baselines are settings).
 EVIDENCE_TABLES = (peers, sessions, receipts, chain_heads, credit_entries)

@@ -88,6 +88,7 @@ class VerifyReport:
     credit_entries: int = 0
     peers: int = 0
     sessions: int = 0
+    proofs: int = 0  # fraud proofs re-checked
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     problems_total: int = 0
@@ -200,8 +201,19 @@ def verify_ledger(
             _verify(conn, report, anchors, jobs)
     finally:
         conn.close()
+    _verify_proofs(engine, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _verify_proofs(engine: Engine, report: VerifyReport) -> None:
+    """Every stored fraud proof must still prove what its row says (signatures, the
+    transcript, two auditors beyond the tolerance)."""
+    from specedge.ledger.frauds import list_proofs, verify_proofs
+
+    report.proofs = len(list_proofs(engine))
+    for row_id, message in verify_proofs(engine):
+        report.add("fraud_proofs", row_id, message)
 
 
 def _verify(

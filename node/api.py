@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
+from specedge.audit import Facts
 from specedge.node.edge import Edge
 from specedge.node.errors import VerifiersBusy
 from specedge.node.generation import (
@@ -35,7 +36,7 @@ from specedge.node.generation import (
     NoVerifierError,
     VocabularyMismatch,
 )
-from specedge.protocol.limits import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
+from specedge.protocol.limits import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS
 from specedge.sampling import SamplingParams
 from specedge.text import StreamDecoder
 
@@ -46,7 +47,7 @@ MAX_STOPS = 4
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 # Accepted for compatibility only at their neutral value.
 NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False,
-           "logprobs": None, "top_logprobs": None, "suffix": None, "logit_bias": None,
+           "suffix": None, "logit_bias": None,
            "tools": None, "tool_choice": None, "functions": None, "response_format": None}
 
 
@@ -104,6 +105,7 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # alternatives per token to report; None: no logprobs
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float,
@@ -182,7 +184,11 @@ def completion_job(body: dict, edge: Edge) -> Job:
         raise ApiError(400, "only one prompt per request is supported", param="prompt")
     else:
         raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
-    return _common(body, ids, DEFAULT_COMPLETION_TOKENS, len(tok))
+    job = _common(body, ids, DEFAULT_COMPLETION_TOKENS, len(tok))
+    if body.get("logprobs") is not None:  # the legacy API: an integer, alternatives wanted
+        job.logprobs = int(_number(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
+    return job
+
 
 
 def _content(message: dict, i: int) -> str:
@@ -223,7 +229,90 @@ def chat_job(body: dict, edge: Edge) -> Job:
                        param="messages") from None
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
-    return _common(body, list(ids), DEFAULT_CHAT_TOKENS, len(tok))
+    job = _common(body, list(ids), DEFAULT_CHAT_TOKENS, len(tok))
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, "logprobs must be a boolean", param="logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not want:
+        raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if want:
+        job.logprobs = int(_number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
+    return job
+
+
+# ---------------------------------------------------------------------------- logprobs
+
+
+def token_facts(gen: NodeGeneration) -> list[Facts]:
+    """The target's facts for each generated token, from the receipts (in order)."""
+    facts = [f for r in gen.receipts for f in r.facts]
+    return facts[:len(gen.token_ids)]
+
+
+def logprobs_object(gen: NodeGeneration, job: Job, tok: PreTrainedTokenizerBase,
+                    chat: bool) -> dict | None:
+    """OpenAI's `logprobs` of a choice, from the verifier-signed receipts: the target's
+    log-probability of each token (and of the `job.logprobs` likeliest alternatives)."""
+    if job.logprobs is None:
+        return None
+    return logprobs_of(token_facts(gen), job.logprobs, tok, chat,
+                       len(tok.decode(job.prompt_ids)))
+
+
+def logprobs_of(facts: list[Facts], k: int, tok: PreTrainedTokenizerBase, chat: bool,
+                offset: int) -> dict:
+    """The `logprobs` object for these tokens (a whole answer, or a streamed chunk's);
+    `offset`: the completion API's text offset of the first one."""
+
+    def text(t: int) -> str:
+        return tok.decode([t])
+
+    if chat:
+        return {"content": [
+            {"token": text(f.token), "logprob": f.logprob, "bytes": list(text(f.token).encode()),
+             "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                              for t, lp in zip(f.top_tokens[:k], f.top_logprobs[:k],
+                                               strict=True)]}
+            for f in facts]}
+    offsets, at = [], offset
+    for f in facts:
+        offsets.append(at)
+        at += len(text(f.token))
+    return {"tokens": [text(f.token) for f in facts],
+            "token_logprobs": [f.logprob for f in facts],
+            "top_logprobs": [{text(t): lp for t, lp in zip(f.top_tokens[:k], f.top_logprobs[:k],
+                                                         strict=True)} for f in facts],
+            "text_offset": offsets}
+
+
+class StreamedLogprobs:
+    """Facts of streamed tokens, handed out with the chunk that carries their text.
+
+    Each round's facts arrive with its "round" event, just before its tokens; the text
+    of some tokens is held back (a possible stop string), so their logprobs wait for the
+    next chunk that has text, or the last one."""
+
+    def __init__(self, job: Job, tok: PreTrainedTokenizerBase, chat: bool) -> None:
+        self.job, self.tok, self.chat = job, tok, chat
+        self.round: list[Facts] = []
+        self.owed: list[Facts] = []
+        self.offset = len(tok.decode(job.prompt_ids))
+
+    def heard(self, facts: list[Facts]) -> None:
+        self.round = list(facts)
+
+    def tokens(self, ids: list[int]) -> None:
+        self.owed += self.round[: len(ids)]  # a round's tokens may be cut at the end
+        self.round = []
+
+    def take(self) -> dict | None:
+        if self.job.logprobs is None:
+            return None
+        out = logprobs_of(self.owed, self.job.logprobs, self.tok, self.chat, self.offset)
+        self.offset += sum(len(self.tok.decode([f.token])) for f in self.owed)
+        self.owed = []
+        return out
 
 
 # ---------------------------------------------------------------------------- text
@@ -300,21 +389,24 @@ class _Shape:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""),
                 "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish: str, usage: dict, extra: dict) -> dict:
+    def whole(self, text: str, finish: str, usage: dict, extra: dict,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}
+                      "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._base(False), "choices": [choice], "usage": usage, "specedge": extra}
 
-    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if role else (
                 {} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+                      "finish_reason": finish}
         return {**self._base(True), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -404,31 +496,38 @@ async def _serve(request: Request, edge: Edge, model: str, chat: bool) -> Respon
     text = TextStream(edge.tokenizer, job.stops)
     if not job.stream:
         gen = await edge.generate(job.prompt_ids, job.max_tokens, job.params,
-                                  on_tokens=text.push, stop=lambda: text.stopped)
+                                  on_tokens=text.push, stop=lambda: text.stopped,
+                                  top_logprobs=job.logprobs or 0)
         finish = "stop" if text.stopped else gen.finish_reason
         text.finish()
         return JSONResponse(shape.whole(text.text, finish, _usage(job, len(gen.token_ids)),
-                                        _extra(gen)))
+                                        _extra(gen),
+                                        logprobs_object(gen, job, edge.tokenizer, chat)))
+
+    logprobs = StreamedLogprobs(job, edge.tokenizer, chat)
 
     async def produce(emit: Callable[[bytes], None]) -> None:
         def on_tokens(ids: list[int]) -> None:
+            logprobs.tokens(ids)
             delta = text.push(ids)
             if delta:
-                emit(_sse(shape.chunk(delta)))
+                emit(_sse(shape.chunk(delta, logprobs=logprobs.take())))
 
         def on_event(kind: str, info: dict) -> None:
             if kind == "session" and chat and not produce.started:
                 produce.started = True
                 emit(_sse(shape.chunk(None, role=True)))
+            elif kind == "round":
+                logprobs.heard(info.get("facts", []))
 
         produce.started = False
         gen = await edge.generate(job.prompt_ids, job.max_tokens, job.params,
                                   on_tokens=on_tokens, on_event=on_event,
-                                  stop=lambda: text.stopped)
+                                  stop=lambda: text.stopped, top_logprobs=job.logprobs or 0)
         finish = "stop" if text.stopped else gen.finish_reason
         tail = text.finish()
-        if tail:
-            emit(_sse(shape.chunk(tail)))
+        if tail or logprobs.owed:
+            emit(_sse(shape.chunk(tail, logprobs=logprobs.take())))
         emit(_sse(shape.chunk(None, finish=finish)))
         if job.include_usage:
             emit(_sse(shape.usage_chunk(_usage(job, len(gen.token_ids)))))

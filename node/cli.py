@@ -14,7 +14,8 @@ import argparse
 import json
 import logging
 import sys
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from specedge.cli import DTYPES, add_sampling_args, torch_dtype, tree_shape
@@ -57,6 +58,23 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                    "retry-after (default: %(default)s)")
     p.add_argument("--no-proactive", action="store_true",
                    help="do not draft the next tree while a verification is in flight")
+    p.add_argument("--audit-rate", type=float, metavar="R",
+                   help="audit this fraction of sessions (0 to 1) by replaying them on "
+                   "another verifier (default: adaptive, every session of a verifier until "
+                   "it has been audited clean 5 times, then less often, down to 5%%)")
+    p.add_argument("--audit-sync", action="store_true",
+                   help="audit every round before its tokens are used: exact output even "
+                   "when a verifier cheats, at the cost of one replay per round (needs two "
+                   "other verifiers to audit and settle disputes; a round none can audit "
+                   "fails over)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="never audit (a node that trusts every verifier)")
+    p.add_argument("--prefer-verifier", metavar="PEER_ID",
+                   help="open sessions on this verifier first whenever it is usable (your "
+                   "own, say); the others remain for failover and audits")
+    p.add_argument("--proof-dir", metavar="PATH",
+                   help="also write each fraud proof here as a file (anyone can check one "
+                   "with `specedge-ledger frauds FILE`)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: progress, -vv: debug, -vvv: libp2p's own logs")
 
@@ -138,12 +156,57 @@ async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -
 
     from specedge.node.edge import load_models
 
+    pool.prefer = args.prefer_verifier
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pool.refresh)
         models = await trio.to_thread.run_sync(
             load_models, args.target_model, args.draft_model, torch_dtype(args.dtype),
             args.device, args.target_id, _kv_options(args))
     return models
+
+
+AUDIT_DRAIN = 300.0  # seconds `generate` waits at exit for the audits it still owes
+JOIN_AUDIT_DRAIN = 10.0  # a stopping `join` finishes audits under way only briefly
+
+
+@asynccontextmanager
+async def _auditing(args: argparse.Namespace, pool: VerifierPool, identity: KeyPair,
+                    book: object, drain: float = AUDIT_DRAIN) -> AsyncIterator[object]:
+    """The node's auditor (node.audit) running for the block; None with --no-audit.
+    On exit it finishes the audits already sampled (bounded), so a one-shot `generate`
+    still catches a cheater."""
+    if args.no_audit:
+        yield None
+        return
+    from pathlib import Path
+
+    import trio
+
+    from specedge.node.audit import Auditor, AuditPolicy
+
+    ledger = getattr(book, "ledger", None)
+    auditor = Auditor(
+        identity, lambda: pool.ranked, pool.open_audit_stream,
+        policy=AuditPolicy(args.audit_rate), sync=args.audit_sync, ban=pool.failed,
+        keep_proof=ledger.store_proof if ledger is not None else None,
+        keep_clean=ledger.record_audit if ledger is not None else None,
+        publish=getattr(pool, "publish_proof", None),
+        proof_dir=Path(args.proof_dir) if args.proof_dir else None)
+    if ledger is not None:  # the verifiers this node proved to cheat stay banned
+        from specedge.ledger.frauds import list_proofs
+
+        for p in await trio.to_thread.run_sync(list_proofs, ledger.engine):
+            auditor.banned[p.accused] = f"fraud proven earlier (proof {p.proof_sha256[:16]})"
+    pool.auditor = auditor
+    async with trio.open_nursery() as nursery:
+        await nursery.start(auditor.run)
+        try:
+            yield auditor
+        finally:
+            auditor.close()
+            with trio.CancelScope(shield=True):
+                await auditor.drain(drain)
+            nursery.cancel_scope.cancel()
 
 
 def _kv_options(args: argparse.Namespace) -> object:
@@ -171,6 +234,10 @@ def _check_addresses(args: argparse.Namespace) -> None:
         raise ValueError("--busy-wait must be >= 0")
     if not args.kv_cache_gb > 0 or not args.kv_disk_gb >= 0:
         raise ValueError("--kv-cache-gb must be positive and --kv-disk-gb >= 0")
+    if args.audit_rate is not None and not 0.0 <= args.audit_rate <= 1.0:
+        raise ValueError("--audit-rate must be between 0 and 1")
+    if args.audit_sync and args.no_audit:
+        raise ValueError("--audit-sync and --no-audit contradict each other")
 
 
 def _notice(text: str) -> None:
@@ -223,16 +290,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.write(stream.push(new))
                 sys.stdout.flush()
 
-            async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book:
+            async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book, \
+                    _auditing(args, pool, identity, book) as auditor:
                 edge = Edge(models, pool, book=book, shape=args.tree,
                             proactive=not args.no_proactive)
                 gen = await edge.generate(prompt, args.max_new_tokens, params,
                                           on_tokens=None if args.json else show, on_event=tell)
+            if auditor is not None and auditor.stats.frauds:
+                _notice(f"{auditor.stats.frauds} fraud proof(s) made; banned: "
+                        f"{', '.join(auditor.banned)}")
             if args.json:
                 return {"text": tok.decode(gen.token_ids, skip_special_tokens=True),
                         "token_ids": gen.token_ids, "stats": gen.stats.as_dict(),
                         "finish_reason": gen.finish_reason, "node": node,
-                        "receipts": [r.summary() for r in gen.receipts]}
+                        "receipts": [r.summary() for r in gen.receipts],
+                        "audits": auditor.status() if auditor is not None else None}
             sys.stdout.write(stream.flush() + "\n")
             s = gen.stats
             print(f"[{s.generated} tokens, {s.rounds} rounds, acceptance {s.acceptance:.1%}, "
@@ -272,7 +344,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             await outer.start(stopper.watch, outer.cancel_scope)
             async with _network(args, identity) as pool:
                 models = await _models_and_first_look(args, pool)
-                async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book:
+                async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book, \
+                        _auditing(args, pool, identity, book, JOIN_AUDIT_DRAIN):
                     edge = Edge(models, pool, book=book, shape=args.tree,
                                 proactive=not args.no_proactive)
                     app = create_app(edge, args.model_name)

@@ -17,15 +17,16 @@ left within seconds. A 1.0 verifier sends none, and gets the old fixed timeouts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 from libp2p.crypto.keys import KeyPair
 
-from specedge.node.receipts import KeptReceipt, check_receipt
+from specedge.node.receipts import KeptReceipt, RoundContext, check_receipt
 from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.audits import session_digest
 from specedge.protocol.envelopes import request_frame, seal_request
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
@@ -72,19 +73,31 @@ class SessionRequest:
     max_new_tokens: int
     revision: str = ""
     standing: bytes = b""  # a StandingStatement envelope to present (see discovery)
+    # Alternatives listed at each committed position (the API's top_logprobs). At least
+    # two, so the receipt's margin can be checked against the runner-up.
+    top_logprobs: int = 2
+
+    def sampling(self) -> pb.Sampling:
+        p = self.params
+        return pb.Sampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                           seed=p.seed)
+
+    def digest(self) -> bytes:
+        """What the verifier's receipts must name this session by."""
+        msg = self.message()
+        return session_digest(self.model_id, msg.prompt, msg.sampling)
 
     def message(self, progress: bool = True) -> pb.OpenSession:
-        p = self.params
         return pb.OpenSession(
             model_id=self.model_id,
             revision=self.revision,
             prompt=self.prompt,
-            sampling=pb.Sampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                 seed=p.seed),
+            sampling=self.sampling(),
             client_version=PROTOCOL_VERSION,
             max_new_tokens=self.max_new_tokens,
             progress=progress,
             standing=self.standing,
+            top_logprobs=max(self.top_logprobs, 2),
         )
 
 
@@ -128,6 +141,15 @@ class Session:
         self.max_tree_tokens = int(opened.max_tree_tokens)
         self.seq = 0
         self.broken = False
+        # The session's transcript, for audits: what it was opened with, and each
+        # round's signed request and receipt and the tokens it committed.
+        self.request = request
+        self.digest = request.digest()
+        self.committed: list[int] = []
+        self.receipts: list[KeptReceipt] = []
+        # Called with each checked round before it is used (a synchronous audit); a
+        # ProtocolError from it fails the round like any other verifier failure.
+        self.before_use: Callable[[Session], Awaitable[None]] | None = None
         self.on_end: Callable[[], None] | None = None  # told once, when the session ends
 
     def _ended(self) -> None:
@@ -181,8 +203,16 @@ class Session:
             expect(frame, "result")
             res = frame.result
             validate_verify_result(res, req, self.vocab_size)
+            p = self.request
+            context = RoundContext(self.digest, len(p.prompt) + len(self.committed), p.params,
+                                   max(p.top_logprobs, 2), self.vocab_size)
             kept = check_receipt(bytes(res.receipt), envelope, req, res, node=self.node,
-                                 verifier=self.verifier, model_id=self.model_id)
+                                 verifier=self.verifier, model_id=self.model_id,
+                                 context=context)
+            self.committed.extend(f.token for f in kept.facts)
+            self.receipts.append(kept)
+            if self.before_use is not None:
+                await self.before_use(self)
         except BaseException:
             self.broken = True
             raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -27,15 +27,19 @@ from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.peerinfo import PeerInfo
 
 from specedge.kvblocks import block_hashes, model_key
+from specedge.node.audit import Auditor
 from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.audits import ProvenFraud
 from specedge.protocol.envelopes import open_statement
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
+from specedge.protocol.gossip import fraud_gossip
 from specedge.protocol.ids import (
     ADVERT_PROTOCOL,
+    AUDIT_PROTOCOL,
     PROGRESS_SINCE,
     VERIFY_PROTOCOL,
     dht_key,
@@ -189,6 +193,14 @@ class VerifierPool:
         # Statements of this node's standing that verifiers signed (issuer -> envelope,
         # earned), presented to verifiers that accept their issuer.
         self.statements: dict[str, tuple[bytes, float]] = {}
+        # Audits of this pool's sessions (node.audit), when enabled; verifiers it proved
+        # to cheat are never used again.
+        self.auditor: Auditor | None = None
+        self.prefer: str | None = None  # a verifier (peer id) to try first when usable
+        # Verifiers proven to cheat by proofs heard on the network (protocol.gossip), and
+        # how this pool publishes its own proofs there.
+        self.heard: dict[str, str] = {}
+        self.publish_proof: Callable[[bytes], Awaitable[None]] | None = None
 
     # -- discovery ---------------------------------------------------------------
 
@@ -311,7 +323,9 @@ class VerifierPool:
                 log.info("verifier %s did not open a session: %s", cand.peer, exc)
                 continue
             self.in_use[cand.peer] = self.in_use.get(cand.peer, 0) + 1
-            session.on_end = lambda peer=cand.peer: self.released(peer)
+            session.on_end = lambda peer=cand.peer, s=session: self._ended(peer, s)
+            if self.auditor is not None and self.auditor.sync:
+                session.before_use = self.auditor.before_use
             return session
         return None
 
@@ -353,10 +367,12 @@ class VerifierPool:
 
     def _order(self, prompt: Sequence[int], avoid: set[str]) -> list[Candidate]:
         """Candidates to try: by rank, but the one holding this conversation's KV first."""
-        cands = [c for c in self.ranked if c.peer not in avoid]
+        banned = {**self.heard, **(self.auditor.banned if self.auditor is not None else {})}
+        cands = [c for c in self.ranked if c.peer not in avoid and c.peer not in banned]
         home = self._home(prompt)
         first = [c for c in cands if c.peer == home and c.advert.free_slots > 0]
-        return first + [c for c in cands if c.peer != home or not first]
+        order = first + [c for c in cands if c.peer != home or not first]
+        return sorted(order, key=lambda c: c.peer != self.prefer)  # stable: preferred first
 
     def failed(self, verifier: str, reason: str) -> None:
         """Drop a verifier whose session failed until the next refresh probes it again, so
@@ -374,6 +390,26 @@ class VerifierPool:
         dead = "".join(f"; {p} did not answer ({why})" for p, why in self.dead.items())
         return (f"no verifier for {self.model_id!r} was found{dead}. Check that a verifier "
                 "serves this target model and that your bootstrap peers are on its network.")
+
+    def heard_fraud(self, data: bytes, found: ProvenFraud) -> None:
+        """A valid fraud proof from the network: never use that verifier again."""
+        if found.model_id != self.model_id or found.accused in self.heard:
+            return
+        why = f"fraud proven by node {found.node} (heard on the network)"
+        self.heard[found.accused] = why
+        log.warning("verifier %s is banned: %s", found.accused, why)
+        self.failed(found.accused, why)
+        if self.auditor is not None:
+            self.auditor.adopt(data, found.accused, why)
+
+    def _ended(self, peer: str, session: Session) -> None:
+        self.released(peer)
+        if self.auditor is not None:
+            self.auditor.session_ended(session)
+
+    async def open_audit_stream(self, cand: Candidate) -> INetStream:
+        """A stream to `cand` on the audit protocol (ConnectionError if none)."""
+        return await open_stream(self.host, cand.info, AUDIT_PROTOCOL)
 
     def released(self, peer: str) -> None:
         n = self.in_use.get(peer, 0) - 1
@@ -402,13 +438,25 @@ async def network(identity: KeyPair, model_id: str, *, bootstrap: Sequence[str] 
     async with hosts.running_host(identity, listen, mdns=mdns) as host:
         if mdns:
             await trio.sleep(MDNS_WAIT)  # let LAN peers answer before the first look
-        if boot and use_dht:
-            async with hosts.running_dht(host, server=False) as dht:
-                await dial_bootstrap(host, boot, dht)
-                yield VerifierPool(host, identity, model_id, dht=dht, direct=direct,
-                                   bootstrap=boot, mdns=mdns, silence_timeout=silence_timeout,
-                                   busy_wait=busy_wait)
-        else:
-            await dial_bootstrap(host, boot)
-            yield VerifierPool(host, identity, model_id, direct=direct, bootstrap=boot,
-                               mdns=mdns, silence_timeout=silence_timeout, busy_wait=busy_wait)
+        pools: list[VerifierPool] = []
+
+        def heard(data: bytes, found: ProvenFraud) -> None:
+            for p in pools:
+                p.heard_fraud(data, found)
+
+        async with fraud_gossip(host, heard) as gossip:
+            if boot and use_dht:
+                async with hosts.running_dht(host, server=False) as dht:
+                    await dial_bootstrap(host, boot, dht)
+                    pools.append(VerifierPool(
+                        host, identity, model_id, dht=dht, direct=direct, bootstrap=boot,
+                        mdns=mdns, silence_timeout=silence_timeout, busy_wait=busy_wait))
+                    pools[0].publish_proof = gossip.publish
+                    yield pools[0]
+            else:
+                await dial_bootstrap(host, boot)
+                pools.append(VerifierPool(
+                    host, identity, model_id, direct=direct, bootstrap=boot, mdns=mdns,
+                    silence_timeout=silence_timeout, busy_wait=busy_wait))
+                pools[0].publish_proof = gossip.publish
+                yield pools[0]

@@ -181,7 +181,8 @@ class Edge:
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                        params: SamplingParams, *, on_tokens: OnTokens | None = None,
                        on_event: OnEvent | None = None,
-                       stop: Callable[[], bool] | None = None) -> NodeGeneration:
+                       stop: Callable[[], bool] | None = None,
+                       top_logprobs: int = 0) -> NodeGeneration:
         act = self.activity
 
         def tokens(new: list[int]) -> None:
@@ -207,7 +208,8 @@ class Edge:
                 self.models.draft, prompt_ids, max_new_tokens, connector=self.connector,
                 model_id=self.models.target_name, params=params, shape=self.shape,
                 proactive=self.proactive, eos_ids=self.models.eos_ids, on_tokens=tokens,
-                on_event=event, book=self.book, stop=stop, store=self.models.store)
+                on_event=event, book=self.book, stop=stop, store=self.models.store,
+                top_logprobs=top_logprobs)
         except BaseException:
             act.failed += 1
             raise

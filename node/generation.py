@@ -150,6 +150,7 @@ async def generate(
     max_failovers: int = MAX_FAILOVERS,
     stop: Callable[[], bool] | None = None,
     store: BlockStore | None = None,
+    top_logprobs: int = 0,
 ) -> NodeGeneration:
     """Generate `max_new_tokens` (or up to end-of-sequence) with remote verification.
 
@@ -158,7 +159,8 @@ async def generate(
     "failover" (the verifier failed; info says which and why). `stop()` lets a caller
     end early (an API stop string) after any round. `store`: the draft model's KV of
     earlier conversations (a follow-up turn drafts without prefilling what it holds;
-    this conversation's blocks are added to it at the end). Raises NoVerifierError
+    this conversation's blocks are added to it at the end). `top_logprobs`: alternatives
+    the receipts list at each position (their facts give the API's logprobs). Raises NoVerifierError
     (VerifiersBusy when every verifier stayed busy), VocabularyMismatch, or ValueError
     for bad parameters.
     """
@@ -168,6 +170,7 @@ async def generate(
     run = _Run(Drafter(draft_model, shape, store=store), vocab_size(draft_model), prompt_ids,
                max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
                on_event, book, max_failovers, stop)
+    run.top_logprobs = top_logprobs
     try:
         while not run.out.done:
             if run.session is None and not await run.open():
@@ -210,6 +213,7 @@ class _Run:
         self.tree_proactive = False
         self.stopped_by_caller = False
         self.mismatch: VocabularyMismatch | None = None
+        self.top_logprobs = 0
 
     def _emit(self, new: list[int]) -> None:
         self.clock.tick(len(new))
@@ -226,7 +230,8 @@ class _Run:
         """Open a session on the best verifier; False when it had to be refused (a
         vocabulary mismatch: the caller looks for another)."""
         request = SessionRequest(self.model_id, list(self.committed), self.params,
-                                 self.max_new_tokens - len(self.out.tokens))
+                                 self.max_new_tokens - len(self.out.tokens),
+                                 top_logprobs=max(self.top_logprobs, 2))
         t0 = time.perf_counter()
         try:
             session = await self.connector.open_session(request, self.avoid)
@@ -329,7 +334,8 @@ class _Run:
         self.round_trips.append(result.round_trip_s)
         if n:
             self.stats.record_round(n, len(result.accepted))
-        self._event("round", verifier=verifier, drafted=n, accepted=len(result.accepted))
+        self._event("round", verifier=verifier, drafted=n, accepted=len(result.accepted),
+                    facts=result.receipt.facts)
         new = [tree.tokens[i] for i in result.accepted] + [result.bonus]
         self.committed.extend(new)
         self.receipts.append(result.receipt)

@@ -23,9 +23,13 @@ import trio
 if TYPE_CHECKING:  # the ledger pulls in SQLAlchemy: imported when first used
     from specedge.ledger import Ledger
 
+from specedge.audit import Facts, ReceiptContradiction, check_round
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import open_receipt
+from specedge.protocol.errors import ErrorCode, ProtocolError
+from specedge.protocol.limits import MAX_TOP_LOGPROBS
 from specedge.protocol.validation import validate_receipt
+from specedge.sampling import SamplingParams
 
 log = logging.getLogger("specedge.node.receipts")
 
@@ -44,6 +48,8 @@ class KeptReceipt:
     verify_micros: int
     receipt_envelope: bytes
     request_envelope: bytes
+    facts: tuple[Facts, ...] = ()  # the target's word on each committed position
+    engine: str = ""
 
     def summary(self) -> dict[str, object]:
         return {"verifier": self.verifier, "session_id": self.session_id.hex(), "seq": self.seq,
@@ -51,21 +57,61 @@ class KeptReceipt:
                 "verify_micros": self.verify_micros}
 
 
+@dataclass(frozen=True)
+class RoundContext:
+    """What the node knows about a round that the receipt must agree with."""
+
+    session_digest: bytes  # protocol.audits.session_digest of the session
+    first_position: int  # absolute index the round's first committed token takes
+    params: SamplingParams
+    top_logprobs: int  # alternatives asked for at each position
+    vocab_size: int
+
+
 def check_receipt(receipt_envelope: bytes, request_envelope: bytes, request: pb.VerifyRequest,
                   result: pb.VerifyResult, *, node: str, verifier: str,
-                  model_id: str) -> KeptReceipt:
+                  model_id: str, context: RoundContext | None = None) -> KeptReceipt:
     """Check a receipt against what this node sent and received; raise ProtocolError.
 
     The verifier's signature (and that it signed as `verifier`, the peer on the stream),
     the digest of the exact request envelope we sent, our own peer id, the model, and the
-    drafted/accepted counts against the request and the result.
+    drafted/accepted counts against the request and the result. With `context` (protocol
+    1.2), also the receipt's facts about every committed position: they must name this
+    session and position, and the acceptance rule run on them with our own tree and seed
+    must give the verdict we got (`specedge.audit.check_round`).
     """
     _, receipt = open_receipt(receipt_envelope, expected_peer=verifier)
     validate_receipt(receipt, request_envelope=request_envelope, request=request, result=result,
                      node_peer=node, verifier_peer=verifier, model_id=model_id)
+    facts = check_facts(receipt, request, result, context) if context is not None else []
     return KeptReceipt(verifier, bytes(receipt.session_id), int(receipt.seq),
                        int(receipt.drafted), int(receipt.accepted), int(receipt.verify_micros),
-                       receipt_envelope, request_envelope)
+                       receipt_envelope, request_envelope, tuple(facts), receipt.engine)
+
+
+def check_facts(receipt: pb.Receipt, request: pb.VerifyRequest, result: pb.VerifyResult,
+                context: RoundContext) -> list[Facts]:
+    """The receipt's positions, checked (BAD_RECEIPT when missing or contradictory)."""
+    if not receipt.positions:
+        raise ProtocolError(ErrorCode.BAD_RECEIPT, "receipt without positions: the verifier "
+                            "speaks a protocol older than 1.2")
+    if receipt.session_sha256 != context.session_digest:
+        raise ProtocolError(ErrorCode.BAD_RECEIPT, "receipt names another prompt or sampling")
+    if receipt.first_position != context.first_position:
+        raise ProtocolError(ErrorCode.BAD_RECEIPT, "receipt names another position")
+    if not receipt.engine:
+        raise ProtocolError(ErrorCode.BAD_RECEIPT, "receipt names no engine")
+    facts = [Facts(int(p.token), float(p.logprob), float(p.margin), 0.0,
+                   [int(t) for t in p.top_tokens][:MAX_TOP_LOGPROBS],
+                   [float(x) for x in p.top_logprobs][:MAX_TOP_LOGPROBS])
+             for p in receipt.positions]
+    try:
+        check_round(list(request.tokens), list(request.parents), list(result.accepted),
+                    int(result.bonus_token), facts, context.params, context.first_position,
+                    context.top_logprobs, context.vocab_size)
+    except ReceiptContradiction as exc:
+        raise ProtocolError(ErrorCode.BAD_RECEIPT, f"receipt contradicts itself: {exc}") from None
+    return facts
 
 
 @dataclass

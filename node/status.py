@@ -40,7 +40,23 @@ def summary(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None) -> 
     return (f"requests {a.active} active / {a.completed} done, {a.tokens} tokens, "
             f"{a.tokens_per_s():.1f} tok/s, acceptance {a.acceptance:.0%}, "
             f"proactive {a.proactive_hits}/{a.proactive_bets}, failovers {a.failovers}, "
-            f"verifiers in use {using}, credit {credit}")
+            f"verifiers in use {using}, credit {credit}"
+            + (f", audits: {audit_line(pool.auditor)}" if getattr(pool, "auditor", None) else ""))
+
+
+def audit_line(auditor: object) -> str:
+    """Audits done, the current rates, disagreements, excused near-ties, frauds."""
+    s = auditor.stats  # type: ignore[attr-defined]
+    rates = [auditor.policy.rate(v) for v in auditor.policy.clean]  # type: ignore[attr-defined]
+    rate = (f"rate {min(rates):.0%}-{max(rates):.0%}" if rates else "rate 100% (no verifier "
+            "audited yet)") if auditor.policy.fixed is None else (  # type: ignore[attr-defined]
+            f"rate fixed {auditor.policy.fixed:.0%}")  # type: ignore[attr-defined]
+    mode = ", sync" if auditor.sync else ""  # type: ignore[attr-defined]
+    banned = auditor.banned  # type: ignore[attr-defined]
+    return (f"{s.sessions_audited} sessions ({rate}{mode}), {s.disagreements} disagreements, "
+            f"{s.near_ties} near-ties excused, {s.lying_auditors} lying auditors, "
+            f"{s.frauds} frauds" + (f"; banned {', '.join(_short(b) for b in banned)}"
+                                    if banned else ""))
 
 
 def render(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None, *,
@@ -81,6 +97,9 @@ def render(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None, *,
     bets = f"{a.proactive_hits}/{a.proactive_bets}" if a.proactive_bets else "-"
     wt.add_row("proactive hits", bets if edge.proactive else "off")
     wt.add_row("failovers", str(a.failovers) + (f"  ({a.last_event})" if a.last_event else ""))
+    auditor = getattr(pool, "auditor", None)
+    if auditor is not None:
+        wt.add_row("audits", audit_line(auditor))
     if book is not None:
         t = book.tally
         stored = f"{t.stored} stored" + (f", {t.failed} NOT stored: {t.last_error}"

@@ -10,6 +10,10 @@ unknown major explicitly and ``supports`` tells what a peer's minor version adds
 
 1.1 adds OpenSession.progress (Progress frames, SessionOpened at admission), BUSY with
 Error.retry_after_ms, and the Advertisement's measured speed and load.
+
+1.2 adds checkable receipts (Receipt.positions: the target's log-probability and margin
+at every committed position, the session digest, the engine) and the audit protocol
+(AuditRequest / AuditAnswer); a 1.2 node refuses receipts without them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Iterable
 from specedge.protocol.errors import ErrorCode, ProtocolError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 PROTOCOL_PATCH = 0
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}.{PROTOCOL_PATCH}"
 
@@ -31,6 +35,9 @@ WIRE_VERSION = f"{PROTOCOL_MAJOR}.0.0"  # what protocol ids carry: the major ver
 VERIFY_PROTOCOL = f"{VERIFY_FAMILY}/{WIRE_VERSION}"
 ADVERT_PROTOCOL = f"{ADVERT_FAMILY}/{WIRE_VERSION}"
 PROGRESS_SINCE = (1, 1, 0)  # OpenSession.progress, BUSY, the Advertisement's speed fields
+AUDIT_SINCE = (1, 2, 0)  # Receipt.positions and the audit protocol
+AUDIT_FAMILY = "/specedge/audit"
+AUDIT_PROTOCOL = f"{AUDIT_FAMILY}/{PROTOCOL_MAJOR}.0.0"
 
 DHT_NAMESPACE = "/specedge/model/"
 

@@ -47,7 +47,16 @@ MAX_STATEMENT_BYTES = 1024
 # the largest message that passes validation (strings at 4 UTF-8 bytes a character,
 # token ids below MAX_VOCAB_SIZE); a test builds those worst cases.
 MAX_ENVELOPE_BYTES = 16 * 1024  # 1024 tokens * (5 + 5) + key, signature, headers
-MAX_RECEIPT_ENVELOPE_BYTES = 4 * 1024
+# A receipt carries an AuditPosition per committed token (at most a tree's depth + 1),
+# each with up to MAX_TOP_LOGPROBS alternatives: (1024 + 1) * (20 * 11 + 24) bytes.
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's ceiling for top_logprobs
+MAX_RECEIPT_ENVELOPE_BYTES = 256 * 1024
+# An audit replays at most this many committed tokens (one forward pass); an answer
+# carries an AuditPosition (no alternatives) for each.
+MAX_AUDIT_TOKENS = 8192
+MAX_AUDIT_ANSWER_BYTES = MAX_AUDIT_TOKENS * 24 + 1024
+MAX_AUDIT_REQUEST_BYTES = (MAX_PROMPT_TOKENS + MAX_AUDIT_TOKENS) * 5 + 2048
+MAX_FRAUD_PROOF_BYTES = 64 * 1024 * 1024
 FRAME_LIMITS: dict[str, int] = {
     "open": 257 * 1024,  # 32768 prompt tokens * 5 bytes + strings + a statement
     "opened": 2 * 1024,
@@ -58,6 +67,8 @@ FRAME_LIMITS: dict[str, int] = {
     "advert": 8 * 1024,  # with a standing statement and issuer list
     "advert_query": 2 * 1024,
     "progress": 256,
+    "audit_request": MAX_AUDIT_REQUEST_BYTES + 16,
+    "audit_answer": MAX_AUDIT_ANSWER_BYTES + 16,
 }
 # The length prefix is checked against this before a body is read.
 MAX_FRAME_BYTES = max(FRAME_LIMITS.values())

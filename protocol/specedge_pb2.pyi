@@ -87,7 +87,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens", "progress", "standing")
+    __slots__ = ("model_id", "revision", "prompt", "sampling", "client_version", "max_new_tokens", "progress", "standing", "top_logprobs")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class OpenSession(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STANDING_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
@@ -104,7 +105,8 @@ class OpenSession(_message.Message):
     max_new_tokens: int
     progress: bool
     standing: bytes
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., progress: _Optional[bool] = ..., standing: _Optional[bytes] = ...) -> None: ...
+    top_logprobs: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., progress: _Optional[bool] = ..., standing: _Optional[bytes] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "verifier_peer_id", "vocab_size", "max_tree_tokens")
@@ -149,7 +151,7 @@ class VerifyResult(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., bonus_token: _Optional[int] = ..., receipt: _Optional[bytes] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("verifier_peer_id", "node_peer_id", "session_id", "seq", "request_sha256", "drafted", "accepted", "verify_micros", "unix_ms", "model_id", "draft_micros")
+    __slots__ = ("verifier_peer_id", "node_peer_id", "session_id", "seq", "request_sha256", "drafted", "accepted", "verify_micros", "unix_ms", "model_id", "draft_micros", "positions", "session_sha256", "engine", "first_position")
     VERIFIER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,10 @@ class Receipt(_message.Message):
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
     verifier_peer_id: str
     node_peer_id: str
     session_id: bytes
@@ -172,7 +178,79 @@ class Receipt(_message.Message):
     unix_ms: int
     model_id: str
     draft_micros: int
-    def __init__(self, verifier_peer_id: _Optional[str] = ..., node_peer_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., request_sha256: _Optional[bytes] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., verify_micros: _Optional[int] = ..., unix_ms: _Optional[int] = ..., model_id: _Optional[str] = ..., draft_micros: _Optional[int] = ...) -> None: ...
+    positions: _containers.RepeatedCompositeFieldContainer[AuditPosition]
+    session_sha256: bytes
+    engine: str
+    first_position: int
+    def __init__(self, verifier_peer_id: _Optional[str] = ..., node_peer_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., request_sha256: _Optional[bytes] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., verify_micros: _Optional[int] = ..., unix_ms: _Optional[int] = ..., model_id: _Optional[str] = ..., draft_micros: _Optional[int] = ..., positions: _Optional[_Iterable[_Union[AuditPosition, _Mapping]]] = ..., session_sha256: _Optional[bytes] = ..., engine: _Optional[str] = ..., first_position: _Optional[int] = ...) -> None: ...
+
+class AuditPosition(_message.Message):
+    __slots__ = ("token", "logprob", "margin", "top_tokens", "top_logprobs", "deficit")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DEFICIT_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    logprob: float
+    margin: float
+    top_tokens: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    deficit: float
+    def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., margin: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., deficit: _Optional[float] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("model_id", "node_peer_id", "prompt", "sampling", "committed", "unix_ms", "nonce")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    node_peer_id: str
+    prompt: _containers.RepeatedScalarFieldContainer[int]
+    sampling: Sampling
+    committed: _containers.RepeatedScalarFieldContainer[int]
+    unix_ms: int
+    nonce: bytes
+    def __init__(self, model_id: _Optional[str] = ..., node_peer_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., committed: _Optional[_Iterable[int]] = ..., unix_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class AuditAnswer(_message.Message):
+    __slots__ = ("auditor_peer_id", "request_sha256", "model_id", "engine", "positions", "audit_micros", "unix_ms")
+    AUDITOR_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    auditor_peer_id: str
+    request_sha256: bytes
+    model_id: str
+    engine: str
+    positions: _containers.RepeatedCompositeFieldContainer[AuditPosition]
+    audit_micros: int
+    unix_ms: int
+    def __init__(self, auditor_peer_id: _Optional[str] = ..., request_sha256: _Optional[bytes] = ..., model_id: _Optional[str] = ..., engine: _Optional[str] = ..., positions: _Optional[_Iterable[_Union[AuditPosition, _Mapping]]] = ..., audit_micros: _Optional[int] = ..., unix_ms: _Optional[int] = ...) -> None: ...
+
+class FraudProof(_message.Message):
+    __slots__ = ("accused_peer_id", "requests", "receipts", "audit_request", "answers", "position")
+    ACCUSED_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    accused_peer_id: str
+    requests: _containers.RepeatedScalarFieldContainer[bytes]
+    receipts: _containers.RepeatedScalarFieldContainer[bytes]
+    audit_request: bytes
+    answers: _containers.RepeatedScalarFieldContainer[bytes]
+    position: int
+    def __init__(self, accused_peer_id: _Optional[str] = ..., requests: _Optional[_Iterable[bytes]] = ..., receipts: _Optional[_Iterable[bytes]] = ..., audit_request: _Optional[bytes] = ..., answers: _Optional[_Iterable[bytes]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ("session_id", "reason")
@@ -299,7 +377,7 @@ class StandingStatement(_message.Message):
     def __init__(self, issuer_peer_id: _Optional[str] = ..., node_peer_id: _Optional[str] = ..., earned: _Optional[float] = ..., as_of_unix_ms: _Optional[int] = ..., half_life_s: _Optional[float] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("open", "opened", "verify", "result", "close", "error", "advert", "advert_query", "progress")
+    __slots__ = ("open", "opened", "verify", "result", "close", "error", "advert", "advert_query", "progress", "audit_request", "audit_answer")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +387,8 @@ class Frame(_message.Message):
     ADVERT_FIELD_NUMBER: _ClassVar[int]
     ADVERT_QUERY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ANSWER_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     opened: SessionOpened
     verify: Envelope
@@ -318,4 +398,6 @@ class Frame(_message.Message):
     advert: Advertisement
     advert_query: AdvertQuery
     progress: Progress
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verify: _Optional[_Union[Envelope, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., advert: _Optional[_Union[Advertisement, _Mapping]] = ..., advert_query: _Optional[_Union[AdvertQuery, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    audit_request: Envelope
+    audit_answer: Envelope
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verify: _Optional[_Union[Envelope, _Mapping]] = ..., result: _Optional[_Union[VerifyResult, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., advert: _Optional[_Union[Advertisement, _Mapping]] = ..., advert_query: _Optional[_Union[AdvertQuery, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., audit_request: _Optional[_Union[Envelope, _Mapping]] = ..., audit_answer: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...

@@ -48,6 +48,7 @@ from specedge.protocol.limits import (
     MAX_STATEMENT_BYTES,
     MAX_TEMPERATURE,
     MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
     MAX_TREE_TOKENS,
     MAX_VERIFY_MICROS,
     MAX_VERSION_CHARS,
@@ -159,6 +160,7 @@ def validate_open_session(
         _tokens_in_vocab(msg.prompt, vocab_size, "prompt")
     validate_sampling(msg.sampling, vocab_size)
     _range(msg.max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    _range(msg.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if len(msg.standing) > MAX_STATEMENT_BYTES:
         raise _fail(ErrorCode.TOO_LARGE, "standing statement too large")
     if max_context_tokens is not None and len(msg.prompt) + msg.max_new_tokens > max_context_tokens:

@@ -8,13 +8,14 @@ is the one-session version the in-process engine and the benchmarks call directl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from specedge import kvcache
 from specedge.acceptance import accept
+from specedge.audit import position_facts
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.trees import depths, tree_mask, tree_positions, with_root
 
@@ -24,6 +25,9 @@ class Verdict:
     accepted: list[int]  # draft node indices, root to leaf
     bonus: int
     accepted_tokens: list[int]
+    # What the target said at each committed position (specedge.audit.Facts), for the
+    # receipt; filled by the verifier's engine.
+    facts: list = field(default_factory=list)
 
     @property
     def new_tokens(self) -> list[int]:
@@ -69,6 +73,7 @@ class TargetSession:
         self.cache = DynamicCache()
         self.tokens: list[int] = list(prompt)  # committed, pending last
         self.forwards = 0
+        self.top_logprobs = 0  # alternatives listed in each committed position's facts
         self._prefilled = False
 
     @property
@@ -106,9 +111,14 @@ class TargetSession:
             use_cache=True,
         ).logits[0]  # [n + 1, V]
         self.forwards += 1
-        chosen = choose_tokens(logits, choice_positions(parents, prefix), self.params).tolist()
+        where = choice_positions(parents, prefix)
+        chosen = choose_tokens(logits, where, self.params).tolist()
         path, bonus = accept(tokens, parents, chosen)
         kvcache.keep_rows(self.cache, kept_rows(prefix, path))
-        verdict = Verdict(path, bonus, [int(tokens[n]) for n in path])
+        keep = [0, *(n + 1 for n in path)]
+        accepted = [int(tokens[n]) for n in path]
+        facts = position_facts(logits[keep], [where[k] for k in keep], self.params,
+                               [*accepted, bonus], self.top_logprobs)
+        verdict = Verdict(path, bonus, accepted, facts)
         self.tokens.extend(verdict.new_tokens)
         return verdict

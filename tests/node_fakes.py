@@ -19,6 +19,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.generation import NoVerifierError
 from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.audits import session_digest
 from specedge.protocol.envelopes import frame_envelope_bytes, open_request, seal_receipt
 from specedge.protocol.errors import ErrorCode, ProtocolError, error_frame
 from specedge.protocol.framing import read_frame, write_frame
@@ -26,6 +27,7 @@ from specedge.protocol.identity import peer_id_of
 from specedge.protocol.validation import validate_verify_request
 from specedge.sampling import SamplingParams
 from specedge.verification import TargetSession
+from specedge.verifier.receipts import position_message
 
 
 class MemStream:
@@ -97,6 +99,7 @@ class FakeVerifier:
         s = msg.sampling
         params = SamplingParams(s.temperature, s.top_p or 1.0, s.top_k, s.seed)
         target = TargetSession(self.model, list(msg.prompt), params)
+        target.top_logprobs = msg.top_logprobs
         await trio.to_thread.run_sync(target.prefill)
         self.sessions += 1
         session_id = os.urandom(16)
@@ -123,6 +126,7 @@ class FakeVerifier:
                     ProtocolError(ErrorCode.SHUTTING_DOWN, "going away"), session_id, seq))
                 return
             t0 = time.perf_counter()
+            first = len(target.tokens)
             verdict = await trio.to_thread.run_sync(target.verify, list(req.tokens),
                                                     list(req.parents))
             digest = hashlib.sha256(env).digest()
@@ -134,7 +138,10 @@ class FakeVerifier:
                 accepted=len(verdict.accepted),
                 verify_micros=int((time.perf_counter() - t0) * 1e6) + 1,
                 unix_ms=int(time.time() * 1000), model_id=self.model_id,
-                draft_micros=req.draft_micros)
+                draft_micros=req.draft_micros,
+                positions=[position_message(f) for f in verdict.facts],
+                session_sha256=session_digest(msg.model_id, msg.prompt, msg.sampling),
+                engine="torch/float32", first_position=first)
             sealed = seal_receipt(self.key, receipt)
             self.receipts.append(sealed)
             await write_frame(stream, pb.Frame(result=pb.VerifyResult(

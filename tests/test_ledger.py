@@ -458,7 +458,7 @@ def test_parse_since():
 
 
 def test_migrations_match_models(ledger):
-    assert current_revision(ledger.engine) == "0001_initial"
+    assert current_revision(ledger.engine) == "0002_fraud_proofs"
     with ledger.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
@@ -470,7 +470,7 @@ def test_open_is_idempotent_and_defaults_to_data_dir(tmp_path, monkeypatch):
     with open_ledger(None) as a:
         assert a.url.endswith("/specedge/ledger.sqlite3") and str(tmp_path) in a.url
     with open_ledger(None) as b:
-        assert current_revision(b.engine) == "0001_initial"
+        assert current_revision(b.engine) == "0002_fraud_proofs"
     # $SPECEDGE_LEDGER names the verifier's ledger; a node's own file is never redirected.
     monkeypatch.setenv("SPECEDGE_LEDGER", str(tmp_path / "elsewhere.sqlite3"))
     with open_ledger(None) as c, open_ledger(None, name="node") as d:

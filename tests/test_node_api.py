@@ -129,6 +129,57 @@ def test_several_requests_at_once(client, server):
     assert got == [greedy_text(server, encode_prompt(server.tok, p), 16)[0] for p in prompts]
 
 
+def target_logprobs(server, prompt_ids, ids):
+    """The target's own log-probabilities of `ids` after `prompt_ids`, [len(ids), V]."""
+    import torch
+
+    with torch.inference_mode():
+        logits = server.target(torch.tensor([prompt_ids + ids[:-1]])).logits[0]
+    return torch.log_softmax(logits[len(prompt_ids) - 1:].float(), dim=-1)
+
+
+def test_completion_logprobs_are_the_targets_from_the_receipts(client, server):
+    prompt = "def fibonacci(n):"
+    res = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12,
+                                    temperature=0, logprobs=3)
+    ids = res.specedge["token_ids"] if hasattr(res, "specedge") else res.model_extra[
+        "specedge"]["token_ids"]
+    lp = res.choices[0].logprobs
+    want = target_logprobs(server, encode_prompt(server.tok, prompt), ids)
+    assert len(lp.token_logprobs) == len(ids) == 12
+    for i, t in enumerate(ids):
+        assert abs(lp.token_logprobs[i] - float(want[i, t])) < 1e-4
+        assert 1 <= len(lp.top_logprobs[i]) <= 3  # keyed by text: byte tokens may collide
+        assert max(lp.top_logprobs[i].values()) <= lp.token_logprobs[i] + 1e-6  # greedy
+    assert "".join(lp.tokens) == server.tok.decode(ids)
+    chunks = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12,
+                                       temperature=0, logprobs=3, stream=True)
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+
+
+def test_chat_logprobs_and_top_logprobs(client, server):
+    res = client.chat.completions.create(
+        model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        temperature=0.7, seed=3, logprobs=True, top_logprobs=2)
+    content = res.choices[0].logprobs.content
+    assert len(content) == 6
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-test", messages=[{"role": "user",
+                                       "content": "hi"}], max_tokens=2, top_logprobs=2)
+    # Streamed: each chunk carries its tokens' logprobs; together, the same as whole.
+    chunks = client.chat.completions.create(
+        model="tiny-test", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        temperature=0.7, seed=3, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs
+                for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+
+
 def test_seeded_sampling_is_reproducible(client):
     kw = dict(model="tiny-test", prompt="hello", max_tokens=12, temperature=0.8, seed=5)
     assert client.completions.create(**kw).choices[0].text == \
@@ -141,7 +192,7 @@ def test_seeded_sampling_is_reproducible(client):
     ({"top_p": 0}, openai.BadRequestError, "top_p"),
     ({"n": 2}, openai.BadRequestError, "n"),
     ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),
-    ({"logprobs": 2}, openai.BadRequestError, "logprobs"),
+    ({"logprobs": 21}, openai.BadRequestError, "logprobs"),
     ({"prompt": ""}, openai.BadRequestError, "prompt"),
     ({"prompt": ["a", "b"]}, openai.BadRequestError, "prompt"),
     ({"prompt": [5, 100000]}, openai.BadRequestError, "prompt"),

@@ -46,6 +46,7 @@ def sample_messages() -> dict[str, object]:
             model_id="tiny-test", revision="abc", prompt=[1, 2, 3, 2**32 - 1],
             sampling=pb.Sampling(temperature=1.0, top_p=1.0, top_k=1, seed=7),
             client_version="1.0.0", max_new_tokens=64, progress=True, standing=b"s" * 10,
+            top_logprobs=5,
         ),
         "opened": pb.SessionOpened(session_id=SID, verifier_peer_id="12D3KooWx",
                                    vocab_size=256, max_tree_tokens=64),
@@ -58,7 +59,21 @@ def sample_messages() -> dict[str, object]:
             verifier_peer_id="v", node_peer_id="n", session_id=SID, seq=1,
             request_sha256=b"h" * 32, drafted=3, accepted=2, verify_micros=10, unix_ms=99,
             model_id="tiny-test", draft_micros=5,
+            positions=[pb.AuditPosition(token=3, logprob=-0.5, margin=1.5, top_tokens=[3, 4],
+                                        top_logprobs=[-0.5, -2.0], deficit=0.25)],
+            session_sha256=b"d" * 32, engine="torch/float32", first_position=12,
         ),
+        "audit_position": pb.AuditPosition(token=3, logprob=-0.5, margin=1.5, top_tokens=[3],
+                                           top_logprobs=[-0.5], deficit=0.25),
+        "audit_request": pb.AuditRequest(
+            model_id="tiny-test", node_peer_id="n", prompt=[1, 2], sampling=pb.Sampling(seed=1),
+            committed=[3, 4], unix_ms=99, nonce=b"x" * 16),
+        "audit_answer": pb.AuditAnswer(
+            auditor_peer_id="a", request_sha256=b"h" * 32, model_id="tiny-test",
+            engine="torch/bfloat16", positions=[pb.AuditPosition(token=3)], audit_micros=5,
+            unix_ms=99),
+        "fraud_proof": pb.FraudProof(accused_peer_id="v", requests=[b"q"], receipts=[b"r"],
+                                     audit_request=b"a", answers=[b"x", b"y"], position=2),
         "close": pb.CloseSession(session_id=SID, reason="done"),
         "error": pb.Error(code=pb.BUSY, message="bad", session_id=SID, seq=4,
                           retry_after_ms=1500),
@@ -108,6 +123,8 @@ def _frames() -> list[pb.Frame]:
         pb.Frame(advert=m["advert"]),
         pb.Frame(advert_query=m["advert_query"]),
         pb.Frame(progress=m["progress"]),
+        pb.Frame(audit_request=m["envelope"]),
+        pb.Frame(audit_answer=m["envelope"]),
     ]
 
 
@@ -161,7 +178,7 @@ def test_protocol_ids_and_versions() -> None:
     assert VERIFY_PROTOCOL == "/specedge/verify/1.0.0"
     assert ADVERT_PROTOCOL == "/specedge/advert/1.0.0"
     assert parse_protocol_id(VERIFY_PROTOCOL) == ("/specedge/verify", (1, 0, 0))
-    assert check_version(PROTOCOL_VERSION) == (1, 1, 0)
+    assert check_version(PROTOCOL_VERSION) == (1, 2, 0)
     # Ids carry the major only: a 1.0 node still finds a 1.1 verifier's handler.
     assert supports("1.1.0", PROGRESS_SINCE) and supports("1.4.2", PROGRESS_SINCE)
     assert not supports("1.0.0", PROGRESS_SINCE) and not supports("2.1.0", PROGRESS_SINCE)

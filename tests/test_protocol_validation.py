@@ -11,7 +11,7 @@ from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import request_digest, seal_request
 from specedge.protocol.errors import ErrorCode, ProtocolError, RemoteError
 from specedge.protocol.identity import peer_id_of
-from specedge.protocol.limits import MAX_PROMPT_TOKENS, MAX_TREE_TOKENS
+from specedge.protocol.limits import MAX_PROMPT_TOKENS, MAX_RECEIPT_ENVELOPE_BYTES, MAX_TREE_TOKENS
 from specedge.protocol.validation import (
     expect,
     validate_advert_query,
@@ -103,6 +103,8 @@ CASES: list[tuple[str, Callable[[], None], ErrorCode]] = [
     ("open: unknown major version", lambda: check_open(open_session(client_version="2.0.0")),
      E.UNSUPPORTED_VERSION),
     ("open: no version", lambda: check_open(open_session(client_version="")), E.MALFORMED),
+    ("open: too many logprobs", lambda: check_open(open_session(top_logprobs=21)),
+     E.INVALID_PARAMETER),
     ("open: no model", lambda: check_open(open_session(model_id="")), E.MALFORMED),
     ("open: control chars", lambda: check_open(open_session(model_id="a\nb")), E.MALFORMED),
     ("open: long model id", lambda: check_open(open_session(model_id="m" * 257)), E.TOO_LARGE),
@@ -175,7 +177,8 @@ CASES: list[tuple[str, Callable[[], None], ErrorCode]] = [
     ("result: bonus out of vocab", lambda: check_result(result(bonus_token=VOCAB)),
      E.TOKEN_OUT_OF_VOCAB),
     ("result: no receipt", lambda: check_result(result(receipt=b"")), E.MALFORMED),
-    ("result: huge receipt", lambda: check_result(result(receipt=b"r" * 5000)), E.TOO_LARGE),
+    ("result: huge receipt",
+     lambda: check_result(result(receipt=b"r" * (MAX_RECEIPT_ENVELOPE_BYTES + 1))), E.TOO_LARGE),
     # Receipt
     ("receipt: no node", lambda: check_receipt(receipt(node_peer_id="")), E.MALFORMED),
     ("receipt: not base58", lambda: check_receipt(receipt(verifier_peer_id="0OIl")), E.MALFORMED),

@@ -20,7 +20,7 @@ from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, RemoteError
 from specedge.protocol.framing import read_frame, write_frame
-from specedge.protocol.ids import ADVERT_PROTOCOL
+from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION
 from specedge.trees import TreeShape
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.host import Verifier, VerifierConfig
@@ -217,7 +217,7 @@ def test_advert_reports_live_figures_and_refuses_another_model(models):
         a = (await read_frame(stream, timeout=10)).advert
         assert (a.model_id, a.free_slots, a.queue_depth) == ("tiny-test", 63, 0)
         assert (a.max_batch_tokens, a.max_tree_tokens, a.vocab_size) == (128, 16, 259)
-        assert a.protocol_version == "1.1.0" and a.mean_verify_micros > 0
+        assert a.protocol_version == PROTOCOL_VERSION and a.mean_verify_micros > 0
         # Measured speed and load (1.1): what nodes rank by and derive waits from.
         assert a.prefill_tokens_per_s > 0 and a.mean_pass_micros > 0
         assert (a.sessions_open, a.max_sessions, a.queued_prefill_tokens) == (1, 64, 0)
@@ -232,3 +232,47 @@ def test_config_refuses_trees_as_large_as_the_batch(models):
                  VerifierConfig(model_id="m", vocab_size=259, max_context_tokens=64,
                                 max_batch_tokens=16, max_tree_tokens=16))
 
+
+
+def test_audit_protocol_answers_signed_and_refuses_what_it_must(models):
+    """An audit replays the transcript and signs the target's choices; a request signed by
+    someone else, for another model, out of the vocabulary or garbage gets its error, and
+    the verifier keeps serving."""
+    from specedge.protocol.audits import new_audit_request, open_audit_answer
+    from specedge.protocol.envelopes import request_digest, request_envelope
+    from specedge.protocol.identity import peer_id_of
+    from specedge.protocol.ids import AUDIT_PROTOCOL
+
+    target = models[0]
+    want = autoregressive_generate(target, PROMPT, 6).token_ids
+    sampling = pb.Sampling()
+
+    async def ask(client: Client, frame: pb.Frame) -> pb.Frame:
+        stream = await client.stream(AUDIT_PROTOCOL)
+        await write_frame(stream, frame)
+        return await read_frame(stream, timeout=30)
+
+    def audit(key, model="tiny-test", committed=want) -> pb.Frame:
+        env = new_audit_request(key, peer_id_of(key), model, PROMPT, sampling, committed)
+        return pb.Frame(audit_request=request_envelope(env)), env
+
+    async def body(verifier: Verifier, client: Client) -> None:
+        frame, env = audit(client.key_pair)
+        got = await ask(client, frame)
+        _, answer = open_audit_answer(got.audit_answer.SerializeToString(),
+                                      expected_peer=verifier.peer_id)
+        assert answer.request_sha256 == request_digest(env)
+        assert [p.token for p in answer.positions] == want
+        assert all(p.deficit == 0 for p in answer.positions)
+        wrong = [(audit(create_new_key_pair())[0], ErrorCode.WRONG_PEER),
+                 (audit(client.key_pair, model="other")[0], ErrorCode.UNSUPPORTED_MODEL),
+                 (audit(client.key_pair, committed=[9999])[0], ErrorCode.TOKEN_OUT_OF_VOCAB),
+                 (pb.Frame(audit_request=pb.Envelope(payload=b"x")), ErrorCode.BAD_KEY),
+                 (pb.Frame(advert_query=pb.AdvertQuery()), ErrorCode.UNEXPECTED_MESSAGE)]
+        for bad, code in wrong:
+            assert (await ask(client, bad)).error.code == code
+        assert verifier.metrics.audits_served._value.get() == 1
+        conn = await client.session(PROMPT, 6)  # still serving
+        await client.generate(conn, PROMPT, 6, CHAIN)
+
+    run_with_verifier(models, body)

@@ -40,6 +40,7 @@ Thread use: one pass at a time (the scheduler's single engine thread).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specedge import kvcache
 from specedge.acceptance import accept
+from specedge.audit import Facts, position_facts
 from specedge.kvblocks import BlockStore, SessionKV, store_for
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.verification import Verdict, choice_positions, forward_inputs, kept_rows
@@ -75,6 +77,7 @@ class TargetState:
     tokens: list[int]
     params: SamplingParams
     cache: SessionKV | DynamicCache = field(default_factory=DynamicCache)
+    top_logprobs: int = 0  # alternatives listed at each committed position (receipts)
 
     @property
     def prefix_len(self) -> int:
@@ -339,6 +342,7 @@ class TargetEngine:
         # does, so a session's cache is the same as the one-session forward's.
         self.prefill_chunk = prefill_chunk
         self.passes = 0
+        self.lock = threading.Lock()
         # Test-only: seconds added to every pass, to play a slow machine (a CPU without
         # native bf16 takes 30 s for a 100-token prefill) with the tiny model.
         self.extra_pass_seconds = 0.0
@@ -403,6 +407,10 @@ class TargetEngine:
         Each session appears at most once per pass. On failure every session is left as
         it was (caches cut back, nothing committed) and the exception propagates.
         """
+        with self.lock:  # one pass at a time, audit chunks (verifier.audit) between them
+            return self._run(jobs)
+
+    def _run(self, jobs: Sequence[Job]) -> PassResult:
         if len({id(j.state) for j in jobs}) != len(jobs):
             raise ValueError("a session appears twice in one pass")
         if not jobs:
@@ -465,19 +473,65 @@ class TargetEngine:
                 continue
             prefix = job.state.prefix_len
             rows = logits[row : row + job.size]  # [n + 1, V]
-            chosen = choose_tokens(rows, choice_positions(job.parents, prefix), job.state.params)
-            out.append(accept(job.tokens, job.parents, chosen.tolist()))
+            where = choice_positions(job.parents, prefix)
+            chosen = choose_tokens(rows, where, job.state.params)
+            path, bonus = accept(job.tokens, job.parents, chosen.tolist())
+            out.append((path, bonus, record_facts(rows, where, job, path, bonus)))
             row += job.size
         return out
 
-    def _commit(self, job: VerifyJob, path: list[int], bonus: int) -> Verdict:
+    def _commit(self, job: VerifyJob, path: list[int], bonus: int,
+                facts: list[Facts]) -> Verdict:
         """Keep the accepted path in the cache and extend the committed tokens: what
         `TargetSession.verify` does after choosing."""
         state = job.state
         kvcache.keep_rows(state.cache, kept_rows(state.prefix_len, path))
-        verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path])
+        verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path], facts)
         state.tokens.extend(verdict.new_tokens)
         return verdict
+
+
+def record_facts(rows: torch.Tensor, where: Sequence[int], job: VerifyJob, path: list[int],
+                 bonus: int) -> list[Facts]:
+    """The receipt's facts for one verified tree: the rows of the root and of each
+    accepted node (their choices are the committed tokens). Any engine that has a tree's
+    logits [n + 1, V] and its choice positions can call this."""
+    keep = [0, *(n + 1 for n in path)]
+    committed = [*(int(job.tokens[n]) for n in path), bonus]
+    return position_facts(rows[keep], [where[k] for k in keep], job.state.params, committed,
+                          job.state.top_logprobs)
+
+
+def audit_facts(model: PreTrainedModel, prompt: Sequence[int], committed: Sequence[int],
+                params: SamplingParams, chunk: int = 512,
+                lock: threading.Lock | None = None) -> list[Facts]:
+    """An auditor's replay of a transcript, prefill-style: the target's choice at every
+    committed position, and how far each committed token trailed it. Runs the model as
+    loaded (no packing), `chunk` tokens a forward, each under `lock` (the engine's, so
+    an audit takes turns with the passes instead of stalling them); any engine whose
+    model takes `input_ids` and a cache and returns logits can use it."""
+    device = next(model.parameters()).device
+    ids = [*prompt, *committed[:-1]]
+    first = len(prompt) - 1  # the row whose logits choose committed[0]
+    cache = DynamicCache()
+    facts: list[Facts] = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            keep = len(part) - max(first - start, 0)  # rows of this chunk that choose
+            with lock or contextlib.nullcontext():
+                logits = model(input_ids=torch.tensor([part], device=device),
+                               position_ids=torch.arange(start, start + len(part),
+                                                         device=device)[None],
+                               past_key_values=cache, use_cache=True,
+                               logits_to_keep=max(keep, 1)).logits[0]
+            if keep <= 0:
+                continue
+            where = list(range(start + len(part) - keep + 1, start + len(part) + 1))
+            done = len(facts)
+            facts += position_facts(logits[-keep:], where, params,
+                                    committed[done : done + keep])
+    return facts
 
 
 def _verify_spans(jobs: Sequence[Job]) -> list[tuple[int, int]]:

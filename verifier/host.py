@@ -78,6 +78,7 @@ from libp2p.crypto.keys import KeyPair
 from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
 from specedge.protocol import specedge_pb2 as pb
+from specedge.protocol.audits import session_digest
 from specedge.protocol.envelopes import (
     frame_envelope_bytes,
     open_request,
@@ -86,8 +87,15 @@ from specedge.protocol.envelopes import (
 )
 from specedge.protocol.errors import ErrorCode, ProtocolError, error_frame
 from specedge.protocol.framing import read_frame, write_frame
+from specedge.protocol.gossip import fraud_gossip
 from specedge.protocol.identity import peer_id_of
-from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, VERIFY_PROTOCOL, dht_key
+from specedge.protocol.ids import (
+    ADVERT_PROTOCOL,
+    AUDIT_PROTOCOL,
+    PROTOCOL_VERSION,
+    VERIFY_PROTOCOL,
+    dht_key,
+)
 from specedge.protocol.limits import (
     ADMIT_WAIT,
     ADVERT_TIMEOUT,
@@ -112,6 +120,7 @@ from specedge.protocol.validation import (
     validate_verify_request,
 )
 from specedge.sampling import SamplingParams
+from specedge.verifier.audit import serve_audit
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.metrics import VerifierMetrics
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
@@ -156,6 +165,7 @@ class VerifierConfig:
     announce_file: str | None = None
     dht: bool = True
     reannounce_interval: float = hosts.REANNOUNCE_INTERVAL
+    gossip: bool = True  # relay fraud proofs (protocol.gossip)
 
 
 class Verifier:
@@ -203,7 +213,8 @@ class Verifier:
                 async with hosts.running_host(self.key_pair, self.config.listen) as host:
                     host.set_stream_handler(VERIFY_PROTOCOL, self._verify_handler)
                     host.set_stream_handler(ADVERT_PROTOCOL, self._advert_handler)
-                    async with self._discovery(host):
+                    host.set_stream_handler(AUDIT_PROTOCOL, self._audit_handler)
+                    async with self._discovery(host), self._gossip(host):
                         self.addrs = hosts.peer_addrs(host)
                         for addr in self.addrs:
                             print(addr, flush=True)
@@ -244,6 +255,12 @@ class Verifier:
                         interval=self.config.reannounce_interval, task_status=task_status))
                 yield
                 nursery.cancel_scope.cancel()
+
+    def _gossip(self, host: IHost) -> contextlib.AbstractAsyncContextManager[object]:
+        """Relay fraud proofs on the network's pubsub topic (protocol.gossip)."""
+        if not self.config.gossip:
+            return contextlib.nullcontext()
+        return fraud_gossip(host)
 
     async def _shutdown(self) -> None:
         """Stop accepting, answer what is in flight, then let the nurseries unwind.
@@ -324,6 +341,7 @@ class Verifier:
         try:
             state = self.engine.new_state(list(msg.prompt), _sampling(msg.sampling),
                                           msg.max_new_tokens)
+            state.top_logprobs = msg.top_logprobs
         except MemoryFull as exc:
             self.table.release(peer)
             await self._send_error(stream, ProtocolError(
@@ -332,6 +350,7 @@ class Verifier:
             return
         session = Session(new_session_id(), peer, state, msg.max_new_tokens,
                           progress=msg.progress)
+        session.digest = session_digest(msg.model_id, msg.prompt, msg.sampling)
         self.table.add(session)
         self.metrics.sessions_opened.inc()
         self._gauges()
@@ -506,6 +525,7 @@ class Verifier:
         try:
             _, req = open_request(envelope, expected_peer=session.peer)
             seq = req.seq
+            first = len(session.state.tokens)  # where this round's first token will sit
             validate_verify_request(
                 req, self.config.vocab_size, self.config.max_tree_tokens, session.last_seq,
                 session_id=session.id, tokens_left=session.tokens_left,
@@ -521,6 +541,8 @@ class Verifier:
             self.key_pair, verifier_peer=self.peer_id, node_peer=session.peer, request=req,
             request_envelope=envelope, accepted=len(verdict.accepted),
             verify_seconds=outcome.seconds, model_id=self.config.model_id,
+            facts=verdict.facts, session_sha256=session.digest, engine=self.engine_name,
+            first_position=first,
         )
         # Committed whether or not the node hears back: the ledger records the work. And
         # durable before the node hears back: a receipt the node holds must survive this
@@ -681,6 +703,20 @@ class Verifier:
                     await self._send_error(stream, exc)
             except Exception:
                 log.exception("advert stream failed")
+            finally:
+                await _close(stream)
+
+    async def _audit_handler(self, stream: INetStream) -> None:
+        # Contained like every handler; the work is in verifier.audit.
+        with self._handler():
+            try:
+                with self._unopened_slot(str(stream.muxed_conn.peer_id)):
+                    await serve_audit(self, stream)
+            except ProtocolError as exc:
+                if exc.code != ErrorCode.STREAM_CLOSED:
+                    await self._send_error(stream, exc)
+            except Exception:
+                log.exception("audit stream failed")
             finally:
                 await _close(stream)
 

@@ -30,6 +30,12 @@ class VerifierMetrics:
         self.sessions_open = Gauge(p + "sessions_open", "Sessions holding a KV cache",
                                    registry=r)
         self.sessions_opened = Counter(p + "sessions_opened", "Sessions opened", registry=r)
+        self.audits_served = Counter(p + "audits_served", "Transcripts replayed for audits",
+                                     registry=r)
+        self.audit_seconds = Counter(p + "audit_seconds", "Engine seconds spent on audits",
+                                     registry=r)
+        self.audit_tokens = Counter(p + "audit_tokens", "Committed tokens replayed in audits",
+                                    registry=r)
         self.sessions_closed = Counter(p + "sessions_closed", "Sessions ended, by reason",
                                        ["reason"], registry=r)
         self.kv_cache_bytes = Gauge(p + "kv_cache_bytes", "Bytes held by session KV caches",
@@ -141,6 +147,12 @@ class VerifierMetrics:
         self.batch_tokens.observe(tokens)
         self.pass_seconds.observe(seconds)
         self.busy_seconds.inc(seconds)
+
+    def record_audit(self, seconds: float, tokens: int) -> None:
+        """Count one transcript replayed for a node's audit (see verifier.audit)."""
+        self.audits_served.inc()
+        self.audit_seconds.inc(seconds)
+        self.audit_tokens.inc(tokens)
 
     def record_verdict(self, drafted: int, accepted: Sequence[int]) -> None:
         """Count a verdict; an empty tree (a plain target step, such as a session's first

@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import trio
 from libp2p.crypto.keys import KeyPair
 
+from specedge.audit import Facts
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import request_digest, seal_receipt
 from specedge.protocol.limits import MAX_VERIFY_MICROS
@@ -49,6 +51,10 @@ def make_receipt(
     accepted: int,
     verify_seconds: float,
     model_id: str,
+    facts: Sequence[Facts] = (),
+    session_sha256: bytes = b"",
+    engine: str = "",
+    first_position: int = 0,
 ) -> bytes:
     """The sealed Receipt envelope for one answered request.
 
@@ -67,8 +73,19 @@ def make_receipt(
         unix_ms=int(time.time() * 1000),
         model_id=model_id,
         draft_micros=request.draft_micros,
+        positions=[position_message(f) for f in facts],
+        session_sha256=session_sha256,
+        engine=engine,
+        first_position=first_position,
     )
     return seal_receipt(key_pair, receipt)
+
+
+def position_message(f: Facts) -> pb.AuditPosition:
+    """One committed position's facts as a receipt (or audit answer) carries them."""
+    return pb.AuditPosition(token=f.token, logprob=f.logprob, margin=f.margin,
+                            deficit=f.deficit, top_tokens=f.top_tokens,
+                            top_logprobs=f.top_logprobs)
 
 
 class Ingest(Protocol):

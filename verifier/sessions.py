@@ -33,6 +33,7 @@ class Session:
     progress: bool = False  # the node reads Progress frames (protocol 1.1)
     ready: trio.Event = field(default_factory=trio.Event)  # prefill finished (or failed)
     prefill_error: ProtocolError | None = None
+    digest: bytes = b""  # protocol.audits.session_digest of its model, prompt and sampling
     answered_at: float | None = None  # trio time of its last answer (inter-token latency)
     # Frames from the session's rounds and its heartbeats must not interleave.
     write_lock: trio.Lock = field(default_factory=trio.Lock)
