@@ -204,3 +204,75 @@ def test_engine_choice_by_measurement(tmp_path, monkeypatch, caplog):
     assert chose.startswith(f"chose {engine.name},")
     assert sorted(engine.pass_costs) == [1, 5, 16]
     assert all(s > 0 for s in engine.pass_costs.values())
+
+
+@pytest.fixture(scope="module")
+def draft_model(tmp_path_factory):
+    from specedge.ggufs import tiny_gguf
+    from specedge.llama import LlamaModel
+    from specedge.models import TINY_DRAFT
+
+    m = LlamaModel(tiny_gguf(TINY_DRAFT, tmp_path_factory.mktemp("gguf-draft")))
+    yield m
+    m.close()
+
+
+def speculative(drafter, engine, prompt: list[int], n: int) -> tuple[list[int], dict]:
+    """The node's loop in one process: draft, bet, verify, adopt or commit."""
+    from specedge.sampling import SamplingParams
+    from specedge.verifier.llama_engine import VerifyJob
+
+    state = engine.new_state(prompt, SamplingParams(), max_new_tokens=n + 70)
+    while (job := engine.next_prefill(state)) is not None:
+        engine.run([job])
+    tree, stats = None, {"rounds": 0, "accepted": 0, "hits": 0}
+    while len(state.tokens) - len(prompt) < n:
+        if tree is None:
+            tree = drafter.draft(list(state.tokens))
+        bet = drafter.bet(tree)
+        verdict = engine.run([VerifyJob(state, tree.tokens, tree.parents)]).verdicts[0]
+        stats["rounds"] += 1
+        stats["accepted"] += len(verdict.accepted)
+        if bet is not None and bet.hit(verdict.accepted, verdict.bonus):
+            stats["hits"] += 1
+            tree = drafter.adopt(bet)
+        else:
+            drafter.commit(tree, verdict.accepted)
+            tree = None
+    return state.tokens[len(prompt):][:n], stats
+
+
+@pytest.mark.parametrize("shape", ["chain:4", "tree:8,4,2"])
+def test_llama_drafter_chains_trees_and_bets_keep_the_output(model, draft_model, reference,
+                                                             shape):
+    from specedge.llama_drafter import LlamaDrafter
+    from specedge.trees import TreeShape
+
+    engine = engine_for(model)
+    drafter = LlamaDrafter(draft_model, TreeShape.parse(shape), n_ctx=1024, threads=1)
+    for i in (0, 1):
+        want = reference[i][0]
+        got, stats = speculative(drafter, engine, PROMPTS[i], len(want))
+        print(shape, stats)
+        assert got == want
+        assert stats["accepted"] > 0 and stats["hits"] > 0  # drafts and bets do land
+        drafter.close()
+        drafter = LlamaDrafter(draft_model, TreeShape.parse(shape), n_ctx=1024, threads=1)
+
+
+def test_llama_drafter_chain_is_the_draft_models_greedy_continuation(draft_model):
+    from specedge.llama import greedy_decode
+    from specedge.llama_drafter import LlamaDrafter
+    from specedge.trees import TreeShape
+
+    prompt = [5, 17, 99, 3]
+    want, _ = greedy_decode(draft_model, prompt, 6, threads=1)
+    drafter = LlamaDrafter(draft_model, TreeShape.chain(6), n_ctx=512, threads=1)
+    tree = drafter.draft(prompt)
+    assert tree.tokens == want and tree.parents == [-1, 0, 1, 2, 3, 4]
+    drafter.commit(tree, [0, 1])  # two accepted: the next draft continues from them
+    tree = drafter.draft([*prompt, *want[:2], want[2]])
+    assert tree.tokens[:3] == want[3:6]
+    free = len(drafter.shared.free)
+    drafter.commit(tree, [])
+    assert len(drafter.shared.free) == free + len(tree) - 1  # the forwarded nodes' sequences
