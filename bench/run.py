@@ -534,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     half = max(len(cores) // 2, 1)
     args.server_cores = args.server_cores or cores[:half]
     args.node_cores = args.node_cores or (cores[half:] or cores[:1])
+    args.chosen_engine = settle_engine(args) if args.engine == "auto" else args.engine
     if args.multi_turn:
         return multi_turn(args)
     ks = [int(x) for x in (args.streams or ("1,4" if args.quick else "1,2,4,8")).split(",")]
@@ -542,7 +543,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from specedge.models import load_model
 
-    args.chosen_engine = settle_engine(args) if args.engine == "auto" else args.engine
     print(f"preparing {args.target_model} / {args.draft_model} ...", file=sys.stderr)
     _, tok = load_model(args.draft_model, dtype=getattr(__import__("torch"), args.dtype))
     load_model(args.target_model, dtype=getattr(__import__("torch"), args.dtype))
