@@ -223,15 +223,12 @@ def summarise(mode: str, k: int, finished: list[Request], totals: Totals, wall: 
 
 def _engine(args: argparse.Namespace, name: str) -> tuple[object, set[int]]:
     """The model `name` on the bench's engine, and its end-of-sequence ids."""
-    global PrefillJob, VerifyJob
     if args.engine == "llama.cpp":
         from specedge.ggufs import gguf_path
         from specedge.llama import LlamaModel
         from specedge.node.edge import load_target_tokenizer
         from specedge.verifier import llama_engine
 
-        # The loops above build jobs of the engine's own kind.
-        PrefillJob, VerifyJob = llama_engine.PrefillJob, llama_engine.VerifyJob
         engine = llama_engine.LlamaEngine(LlamaModel(gguf_path(name)), 1024, 16384,
                                           threads=len(os.sched_getaffinity(0)))
         tok, config = load_target_tokenizer(name)

@@ -47,6 +47,9 @@ from specedge.sampling import SamplingParams, choose_tokens
 from specedge.trees import depths, with_root
 from specedge.verification import Verdict, choice_positions
 
+# The same jobs and results as the torch engine: the scheduler builds them for either.
+from specedge.verifier.engine import Job, PassResult, PrefillJob, VerifyJob
+
 # Sequence ids a context offers (llama.cpp's LLAMA_MAX_SEQ is 256); this share of them is
 # kept for trees' temporary sequences, the rest are sessions.
 TEMP_SHARE = 0.5
@@ -74,42 +77,6 @@ class LlamaState:
 
     def kv_bytes(self) -> int:
         return self.cached * self.row_bytes
-
-
-@dataclass
-class PrefillJob:
-    state: LlamaState
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass
-class VerifyJob:
-    state: LlamaState
-    tokens: list[int]
-    parents: list[int]
-
-    @property
-    def size(self) -> int:
-        return len(self.tokens) + 1
-
-
-Job = PrefillJob | VerifyJob
-
-
-@dataclass
-class PassResult:
-    verdicts: list[Verdict | None]
-    seconds: float
-    tokens: int
-
-    def share(self, job: Job) -> float:
-        """Seconds attributed to `job`: the pass's time split in proportion to rows."""
-        return self.seconds * job.size / self.tokens if self.tokens else 0.0
 
 
 def _paths(parents: list[int]) -> tuple[list[list[int]], list[int]]:
