@@ -51,9 +51,12 @@ def greedy(gguf):
         """`stop`: end at an end-of-sequence token, as a node does."""
         if (prompt, n, stop) not in cache:
             ids = encode_prompt(tok, prompt)
-            cache[prompt, n, stop] = greedy_decode(model, ids, n, eos if stop else (),
-                                                   threads=1)[0]
+            tokens, margins = greedy_decode(model, ids, n, eos if stop else (), threads=1)
+            cache[prompt, n, stop] = tokens
+            run.margins[tuple(tokens)] = margins
         return cache[prompt, n, stop]
+
+    run.margins = {}
 
     yield run
     model.close()
@@ -101,6 +104,16 @@ def test_verifier_killed_mid_generation_loses_nothing(tmp_path, gguf, greedy):
             v.kill()
 
 
+def divergence(got: list[int], want: list[int], greedy) -> str:
+    """Where `got` leaves the reference, and the reference's logit margin there."""
+    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+              None)
+    if at is None:
+        return f"lengths {len(got)} and {len(want)}"
+    margin = greedy.margins[tuple(want)][at]
+    return f"token {at}: {got[at]} for {want[at]}, reference margin {margin:.6f}"
+
+
 def _in_use(verifiers: list[Verifier], timeout: float = 120.0) -> Verifier:
     def find() -> Verifier | None:
         for v in verifiers:
@@ -131,7 +144,8 @@ def test_hostile_input_gets_its_answer_while_honest_sessions_run(tmp_path, gguf,
         print("\n" + th._table(results))
         assert not th._problems(results), "\n".join(th._problems(results))
         for text, s in zip(PROMPTS, sessions, strict=False):
-            assert s["tokens"] == greedy(text, n, stop=False), text
+            want = greedy(text, n, stop=False)
+            assert s["tokens"] == want, (text, divergence(s["tokens"], want, greedy))
         wait_until(lambda: v.metric("specedge_sessions_open") == 0, 30, "sessions reaped")
         assert v.metric("specedge_kv_cache_bytes") == 0
         assert v.proc.alive()
