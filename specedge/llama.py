@@ -141,6 +141,13 @@ class LlamaContext:
         self.n_seq_max = n_seq_max or int(lib.llama_max_parallel_sequences())
         params.n_seq_max = self.n_seq_max
         params.kv_unified = True  # cells shared by sequences: trees and copies are free
+        # float32 keys/values and no flash attention: a session's cells sit in the shared
+        # memory in whatever order they were free, and flash attention accumulates float16
+        # values in cell order, so its rounding (and a near-tie 0.005 logits wide, seen
+        # in the tests) would depend on the other sessions. In float32 the order changes
+        # only the last bits. Costs twice the KV memory of float16.
+        params.type_k = params.type_v = lib.GGML_TYPE_F32
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         params.n_threads = params.n_threads_batch = threads or default_threads()
         self.threads = params.n_threads

@@ -19,7 +19,7 @@ log = logging.getLogger("specedge.verifier")
 
 ENGINES = ("auto", "torch", "llama.cpp")
 TORCH_DTYPES = ("float32", "bfloat16")  # what --dtype auto measures on torch
-LLAMA_CTX_CAP = 32768  # default KV cells of a llama.cpp context
+LLAMA_CTX_CAP = 16384  # default KV cells of a llama.cpp context
 
 
 def build(args: argparse.Namespace) -> object:

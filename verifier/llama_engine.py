@@ -328,8 +328,8 @@ def _check(job: Job, max_leaves: int) -> None:
 
 
 def _row_bytes(model: LlamaModel) -> int:
-    """KV bytes per cached token (keys and values, float16, every layer)."""
+    """KV bytes per cached token (keys and values, float32, every layer)."""
     lib = model._lib
     heads = int(lib.llama_model_n_head(model.ptr))
     kv_heads = int(lib.llama_model_n_head_kv(model.ptr))
-    return 2 * 2 * model.n_layer * kv_heads * (model.n_embd // max(heads, 1))
+    return 2 * 4 * model.n_layer * kv_heads * (model.n_embd // max(heads, 1))
