@@ -55,6 +55,9 @@ from specedge.verifier.engine import Job, PassResult, PrefillJob, VerifyJob
 TEMP_SHARE = 0.5
 
 
+UNSAID_NEW_TOKENS = 1024  # reserved for a session opened without max_new_tokens
+
+
 @dataclass
 class LlamaState:
     """One session's target side: committed tokens (the pending one last) and how many
@@ -126,12 +129,13 @@ class LlamaEngine:
     def new_state(self, prompt: Sequence[int], params: SamplingParams,
                   max_new_tokens: int | None = None) -> LlamaState:
         """A session's state with its own sequence; raises MemoryFull when its cells
-        (prompt + `max_new_tokens`, default the context, + a tree) are not free."""
+        (prompt + `max_new_tokens` + a tree) are not free."""
         if not prompt:
             raise ValueError("a session needs at least one prompt token")
-        rows = (min(len(prompt) + max_new_tokens, self.max_context) if max_new_tokens
-                else self.max_context)
-        need = rows + self.tree_slack
+        # Cells are shared by every session of the context: one that does not say how far
+        # it goes is given UNSAID_NEW_TOKENS, not the whole context.
+        rows = min(len(prompt) + (max_new_tokens or UNSAID_NEW_TOKENS), self.max_context)
+        need = min(rows + self.tree_slack, self.ctx.n_ctx)
         with self._lock:
             if self.reserved + need > self.ctx.n_ctx:
                 raise MemoryFull(f"the session needs {need} KV cells and "
