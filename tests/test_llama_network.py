@@ -63,12 +63,17 @@ def greedy(gguf):
     model.close()
 
 
-def test_concurrent_nodes_get_llama_greedy_output(tmp_path, gguf, greedy):
+def test_concurrent_nodes_get_llama_greedy_output(tmp_path, gguf, greedy, monkeypatch):
+    """Three nodes at once, drafting on torch, on llama.cpp and on whichever they measure
+    faster (the children write the tiny draft GGUF into this test's cache)."""
+    monkeypatch.setenv("SPECEDGE_CACHE", str(tmp_path / "cache"))
     (v,) = start_verifiers(tmp_path, ["v"], *llama_args(gguf))
     n = 64
+    engines = ["torch", "llama.cpp", "auto"]
     try:
-        nodes = [node_generate(tmp_path, f"node{i}", p, n, verifiers=[v.addr])
-                 for i, p in enumerate(PROMPTS)]
+        nodes = [node_generate(tmp_path, f"node{i}", p, n, verifiers=[v.addr],
+                               extra=["--engine", engine])
+                 for i, (p, engine) in enumerate(zip(PROMPTS, engines, strict=True))]
         try:
             outs = [json_result(node) for node in nodes]
         finally:
