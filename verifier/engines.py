@@ -11,6 +11,7 @@ and logs what it chose and why. The chosen engine carries its measured curve
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 
 from specedge import passcost
@@ -31,21 +32,27 @@ def build(args: argparse.Namespace) -> object:
         engine.pass_costs = _curve(engine)
         log.info("engine %s: %s", engine.name, passcost.describe(engine.pass_costs))
         return engine
-    measured = []
+    measured: list[passcost.Measured] = []
+    leader: passcost.Measured | None = None
     for name in names:
         for dtype in dtypes if name == "torch" else [None]:
             label = f"torch/{dtype}" if dtype else "llama.cpp"
             try:
                 engine = _torch(args, dtype) if dtype else _llama(args)
-                measured.append(passcost.Measured(engine.name, _curve(engine), engine))
+                m = passcost.Measured(engine.name, _curve(engine), engine)
             except Exception as exc:  # a candidate that cannot run here just loses
                 log.info("engine %s cannot run here: %s", label, exc)
-                measured.append(passcost.Measured(label, {}, error=str(exc).splitlines()[0]))
+                m = passcost.Measured(label, {}, error=str(exc).splitlines()[0])
+            measured.append(m)
+            engine = None
+            rows = passcost.VERIFIER_ROWS
+            if leader is None or m.score(rows) < leader.score(rows):
+                leader, m = m, leader
+            if m is not None:
+                m.engine = None  # free the slower one's weights before loading the next
+            gc.collect()
     best, why = passcost.choose(measured, passcost.VERIFIER_ROWS)
     log.info("%s", why)
-    for m in measured:
-        if m is not best:
-            m.engine = None  # free the losers' weights
     best.engine.pass_costs = best.costs
     return best.engine
 
