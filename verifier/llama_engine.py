@@ -46,15 +46,11 @@ from specedge.llama import LlamaContext, LlamaModel
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.trees import depths, with_root
 from specedge.verification import Verdict, choice_positions
-
-# The same jobs and results as the torch engine: the scheduler builds them for either.
-from specedge.verifier.engine import Job, PassResult, PrefillJob, VerifyJob
+from specedge.verifier.engine import Job, PassResult, PrefillJob, VerifyJob  # the same jobs
 
 # Sequence ids a context offers (llama.cpp's LLAMA_MAX_SEQ is 256); this share of them is
 # kept for trees' temporary sequences, the rest are sessions.
 TEMP_SHARE = 0.5
-
-
 UNSAID_NEW_TOKENS = 1024  # reserved for a session opened without max_new_tokens
 
 
