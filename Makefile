@@ -16,11 +16,11 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	bash scripts/system-deps
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,llama]'
 	touch $@
 
 $(DEMO): $(STAMP)
-	$(PIP) install -e '.[dev,demo]'
+	$(PIP) install -e '.[dev,llama,demo]'
 	touch $@
 
 test: $(STAMP)

@@ -83,11 +83,30 @@ def cost_per_million(server_s: float, edge_s: float, tokens: int, prices: Prices
 
 # -- server-side baselines --------------------------------------------------------------
 
+def _fixed_engine(args: argparse.Namespace) -> str:
+    """The engine every mode runs on; `--engine auto` is settled once (`main`)."""
+    return args.engine if args.engine != "auto" else args.chosen_engine
+
+
+def settle_engine(args: argparse.Namespace) -> str:
+    """`--engine auto`: the engine the verifier measures fastest for the target here."""
+    from specedge.verifier import engines
+
+    probe = argparse.Namespace(
+        engine="auto", dtype=args.dtype, model=args.target_model, device=args.device,
+        prefill_chunk=256, max_batch_tokens=1024, kv_cache_gb=0.25, threads=None, verbose=0,
+        model_id=None, no_prefix_cache=True, kv_host_gb=0.0, kv_disk_dir=None, kv_disk_gb=1.0)
+    name = engines.build(probe).name
+    print(f"--engine auto: {name} measured fastest here", file=sys.stderr)
+    return name.split("/")[0]
+
+
 def run_server_mode(mode: str, k: int, args: argparse.Namespace, prompts_file: Path) -> dict:
     argv = [sys.executable, "-m", "bench.serving", "--mode", mode, "--streams", str(k),
             "--target-model", args.target_model, "--draft-model", args.draft_model,
             "--dtype", args.dtype, "--device", args.device, "--chain", str(args.chain),
-            "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(prompts_file)]
+            "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(prompts_file),
+            "--engine", _fixed_engine(args)]
     res = subprocess.run([*pinned(args.server_cores), *argv], capture_output=True, text=True,
                          cwd=REPO, env=thread_env(args.server_cores), timeout=args.timeout)
     if res.returncode != 0:
@@ -117,6 +136,7 @@ class Network:
         announce = self.workdir / "verifier.addrs"
         v = self.procs.start("verifier", [
             "specedge-verifier", "serve", "--model", a.target_model, "--dtype", a.dtype,
+            "--engine", _fixed_engine(a),
             "--device", a.device, "--listen", "/ip4/127.0.0.1/tcp/0",
             "--announce-file", str(announce), "--identity", str(self.workdir / "verifier.key"),
             "--ledger", self.ledger_url, "--metrics-port", str(self.metrics_port),
@@ -126,7 +146,7 @@ class Network:
         node_announce = self.workdir / "node.addrs"
         node_args = [
             "specedge-node", "join", "--verifier", addr, "--target-model", a.target_model,
-            "--draft-model", a.draft_model, "--dtype", a.dtype,
+            "--draft-model", a.draft_model, "--dtype", a.dtype, "--engine", _fixed_engine(a),
             "--api", f"127.0.0.1:{self.api_port}", "--no-status",
             "--identity", str(self.workdir / "node.key"),
             "--ledger", str(self.workdir / "node-ledger.sqlite3"),
@@ -469,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (for every process)")
+    ap.add_argument("--engine", default="torch", choices=["torch", "llama.cpp", "auto"],
+                    help="engine of every mode (autoregressive, server-only and SpecEdge run "
+                    "on the same one, so their ratios compare like with like); auto: the "
+                    "one the verifier measures fastest here, decided once at the start")
     ap.add_argument("--chain", type=int, default=4, help="draft chain length (default 4)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--server-cores", type=parse_cores, default=None,
@@ -494,6 +518,7 @@ def new_report(args: argparse.Namespace, ks: list[int], prompts: list, ids: list
         "machine": machine(),
         "config": {"draft_model": args.draft_model, "target_model": args.target_model,
                    "dtype": args.dtype, "tree": f"chain:{args.chain}",
+                   "engine": getattr(args, "chosen_engine", args.engine),
                    "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
                    "prompt_kinds": sorted({k for k, _ in prompts}),
                    "server_cores": args.server_cores, "node_cores": args.node_cores,
@@ -509,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     half = max(len(cores) // 2, 1)
     args.server_cores = args.server_cores or cores[:half]
     args.node_cores = args.node_cores or (cores[half:] or cores[:1])
+    args.chosen_engine = settle_engine(args) if args.engine == "auto" else args.engine
     if args.multi_turn:
         return multi_turn(args)
     ks = [int(x) for x in (args.streams or ("1,4" if args.quick else "1,2,4,8")).split(",")]

@@ -144,7 +144,11 @@ def _rewind(draft: TargetEngine, s: Stream) -> None:
     limit = min(s.draft.cached, len(committed) - 1)
     while common < limit and have[common] == committed[common]:
         common += 1
-    kvcache.keep_rows(s.draft.cache, range(common))
+    if hasattr(draft, "ctx"):  # llama.cpp: drop the session's cells past `common`
+        draft.ctx.seq_rm(s.draft.seq, common, -1)
+        s.draft.cached = common
+    else:
+        kvcache.keep_rows(s.draft.cache, range(common))
     s.draft.tokens = list(committed)
     s.drafted = 0
 
@@ -217,6 +221,24 @@ def summarise(mode: str, k: int, finished: list[Request], totals: Totals, wall: 
     }
 
 
+def _engine(args: argparse.Namespace, name: str) -> tuple[object, set[int]]:
+    """The model `name` on the bench's engine, and its end-of-sequence ids."""
+    if args.engine == "llama.cpp":
+        from specedge.ggufs import gguf_path
+        from specedge.llama import LlamaModel
+        from specedge.node.edge import load_target_tokenizer
+        from specedge.verifier import llama_engine
+
+        engine = llama_engine.LlamaEngine(LlamaModel(gguf_path(name)), 1024, 16384,
+                                          threads=len(os.sched_getaffinity(0)))
+        tok, config = load_target_tokenizer(name)
+        return engine, set(eos_ids(tok, config))
+    model, tok = load_model(name, getattr(torch, args.dtype), args.device)
+    # Today's engine for the baselines: no prefix reuse (as for SpecEdge in the main bench).
+    engine = TargetEngine(model, store=store_for(model, enabled=False))
+    return engine, set(eos_ids(tok, model.generation_config))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mode", choices=["autoregressive", "server_only"], required=True)
@@ -228,14 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chain", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompts", required=True, help="JSON file: list of token-id lists")
+    ap.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch")
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process is pinned to
-    dtype = getattr(torch, args.dtype)
     prompts = json.load(open(args.prompts))
-    target_model, tok = load_model(args.target_model, dtype, args.device)
-    # Today's engine for the baselines: no prefix reuse (as for SpecEdge in the main bench).
-    target = TargetEngine(target_model, store=store_for(target_model, enabled=False))
-    stop = set(eos_ids(tok, target_model.generation_config))
+    target, stop = _engine(args, args.target_model)
     finished: list[Request] = []
     totals = Totals()
     # Warm-up: one short request, not counted.
@@ -244,8 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "autoregressive":
         autoregressive(target, prompts, args.streams, args.max_new_tokens, stop, finished, totals)
     else:
-        draft_model, _ = load_model(args.draft_model, dtype, args.device)
-        draft = TargetEngine(draft_model, store=store_for(draft_model, enabled=False))
+        draft, _ = _engine(args, args.draft_model)
         server_only(target, draft, prompts, args.streams, args.max_new_tokens, args.chain, stop,
                     finished, totals)
     wall = time.perf_counter() - start

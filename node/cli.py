@@ -90,6 +90,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="draft weights dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for the draft model")
+    p.add_argument("--engine", choices=("torch", "llama.cpp", "auto"), default="torch",
+                   help="draft engine: torch (the model in --dtype), llama.cpp (the model's "
+                   "GGUF as it is; fastest on CPUs without bf16, needs the 'llama' extra) "
+                   "or auto (time a few single-token decodes of each and keep the faster) "
+                   "(default: %(default)s)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, metavar="GB",
                    help="RAM for the draft model's KV of past conversations, so a follow-up "
                    "turn drafts without prefilling again (default: %(default)s)")
@@ -161,7 +166,7 @@ async def _models_and_first_look(args: argparse.Namespace, pool: VerifierPool) -
         nursery.start_soon(pool.refresh)
         models = await trio.to_thread.run_sync(
             load_models, args.target_model, args.draft_model, torch_dtype(args.dtype),
-            args.device, args.target_id, _kv_options(args))
+            args.device, args.target_id, _kv_options(args), args.engine)
     return models
 
 

@@ -27,7 +27,6 @@ from specedge.models import (
     TINY_TARGET,
     ModelError,
     check_pair,
-    load_model,
     tiny_tokenizer,
 )
 from specedge.node.generation import (
@@ -110,15 +109,22 @@ def draft_store(model: PreTrainedModel, name: str, kv: KvOptions) -> BlockStore 
 
 
 def load_models(target: str, draft: str | None, dtype: torch.dtype, device: str = "cpu",
-                target_id: str | None = None, kv: KvOptions | None = None) -> Models:
+                target_id: str | None = None, kv: KvOptions | None = None,
+                engine: str = "torch", threads: int | None = None) -> Models:
     """Load the draft model and the target's tokenizer; refuse a vocabulary mismatch.
 
     `target_id`: the name verifiers know the target by, if not `target`. `kv`: where to
-    keep the draft model's KV between requests (default: 1 GiB of RAM, no disk)."""
+    keep the draft model's KV between requests (default: 1 GiB of RAM, no disk).
+    `engine`: torch, llama.cpp or auto (measured; see `node.draft_engine`)."""
+    from specedge.node.draft_engine import load_draft
+
     draft = draft_for(target, draft)
     target_tok, target_config = load_target_tokenizer(target)
-    model, draft_tok = load_model(draft, dtype, device)
+    model, draft_tok = load_draft(draft, dtype, device, engine, threads)
     check_pair(draft_tok, target_tok, draft, target)
+    if hasattr(model, "new_drafter"):  # llama.cpp: no torch warm-up, no KV block store
+        eos = eos_ids(target_tok, target_config)
+        return Models(model, target_tok, eos, target_id or target, draft, None)
     eos = eos_ids(target_tok, target_config or model.generation_config)
     warm_up(model)
     store = draft_store(model, draft, kv or KvOptions())

@@ -167,7 +167,12 @@ async def generate(
     params.check()
     if not prompt_ids:
         raise ValueError("a generation needs at least one prompt token")
-    run = _Run(Drafter(draft_model, shape, store=store), vocab_size(draft_model), prompt_ids,
+    if hasattr(draft_model, "new_drafter"):  # llama.cpp (specedge.llama_drafter)
+        drafter = draft_model.new_drafter(shape, len(prompt_ids) + max_new_tokens)
+        draft_vocab = draft_model.vocab_size
+    else:
+        drafter, draft_vocab = Drafter(draft_model, shape, store=store), vocab_size(draft_model)
+    run = _Run(drafter, draft_vocab, prompt_ids,
                max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
                on_event, book, max_failovers, stop)
     run.top_logprobs = top_logprobs

@@ -107,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from specedge.demo import run_demo
 
     return run_demo(tiny=args.tiny, max_tokens=args.max_new_tokens, dtype=args.dtype,
-                    timeout=args.timeout)
+                    timeout=args.timeout, engine=args.engine)
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: bfloat16 for the demo pair, float32 for --tiny")
     demo.add_argument("--timeout", type=float, default=900.0,
                       help="seconds to wait for processes and generations (default: 900)")
+    demo.add_argument("--engine", choices=("auto", "torch", "llama.cpp"), default="auto",
+                      help="auto: each process measures the engines it can run and keeps the "
+                      "fastest here (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", add_help=False,

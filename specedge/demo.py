@@ -151,9 +151,14 @@ def metrics(port: int) -> dict[str, float]:
 
 
 def run_demo(tiny: bool = False, max_tokens: int = 96, dtype: str | None = None,
-             timeout: float = 900.0) -> int:
+             timeout: float = 900.0, engine: str = "auto") -> int:
+    """`engine`: auto lets every process measure its engines at start and keep the
+    fastest on this machine (torch or llama.cpp; see the README's "Engines")."""
     console = Console()
     target, draft = (TINY_TARGET, TINY_DRAFT) if tiny else (DEMO_TARGET, DEMO_DRAFT)
+    # The verifier measures float32 and bfloat16 unless told; nodes draft in `dtype`.
+    verifier_dtype = dtype or ("float32" if tiny else ("auto" if engine != "llama.cpp"
+                                                       else "bfloat16"))
     dtype = dtype or ("float32" if tiny else "bfloat16")
     if not tiny:
         from specedge.weights import prepare_demo_model
@@ -165,8 +170,10 @@ def run_demo(tiny: bool = False, max_tokens: int = 96, dtype: str | None = None,
         work = Path(tmp)
         ledger = f"sqlite:///{work / 'ledger.sqlite3'}"
         mport = free_port()
-        console.print(f"Starting a verifier for [bold]{target}[/] ({dtype}) ...")
-        v = ps.start("verifier", ["specedge-verifier", "serve", "--model", target, "--dtype", dtype,
+        console.print(f"Starting a verifier for [bold]{target}[/] (engine {engine}, dtype "
+                      f"{verifier_dtype}) ...")
+        v = ps.start("verifier", ["specedge-verifier", "serve", "--model", target,
+                                  "--engine", engine, "--dtype", verifier_dtype,
                                   "--listen", "/ip4/127.0.0.1/tcp/0", "--announce-file",
                                   str(work / "verifier.addrs"), "--identity",
                                   str(work / "verifier.key"), "--ledger", ledger,
@@ -177,7 +184,8 @@ def run_demo(tiny: bool = False, max_tokens: int = 96, dtype: str | None = None,
         for name in ("node-a", "node-b"):
             port = free_port()
             n = ps.start(name, ["specedge-node", "join", "--verifier", addr, "--target-model",
-                                target, "--draft-model", draft, "--dtype", dtype, "--api",
+                                target, "--draft-model", draft, "--dtype", dtype,
+                                "--engine", engine, "--api",
                                 f"127.0.0.1:{port}", "--no-status", "--identity",
                                 str(work / f"{name}.key"), "--ledger",
                                 str(work / f"{name}.sqlite3"), "--announce-file",

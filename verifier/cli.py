@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 log = logging.getLogger("specedge.verifier")
 
 
@@ -105,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on shutdown, how long rounds in flight may still finish "
                    "(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
+    p.add_argument("--engine", choices=("torch", "llama.cpp", "auto"), default="torch",
+                   help="torch: the model in --dtype (bit-exact in float32; GPUs, CPUs with "
+                   "native bf16); llama.cpp: the model's GGUF file as it is (quantised "
+                   "weights; fastest on CPUs without bf16, needs the 'llama' extra); auto: "
+                   "measure the pass cost of each one this machine can run for a few "
+                   "seconds and serve with the fastest (default: %(default)s)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights and compute dtype (default: float32, the bit-exact one)")
+                   help="torch weights and compute dtype; auto: measure float32 and "
+                   "bfloat16 and keep the faster (default: float32, the bit-exact one)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch CPU threads (default: torch's choice)")
+                   help="CPU threads for the engine (default: torch's choice; llama.cpp: "
+                   "the physical cores)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: debug lines of the verifier; -vvv: libp2p's too")
     p.set_defaults(func=cmd_serve)
@@ -122,6 +130,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-batch-tokens must be in [2, {MAX_BATCH_TOKENS}]")
     if not 1 <= args.max_tree_tokens <= min(MAX_TREE_TOKENS, args.max_batch_tokens - 1):
         raise ValueError("--max-tree-tokens must be in [1, min(1024, --max-batch-tokens - 1)]")
+    if args.engine != "torch" and args.max_tree_tokens > LLAMA_MAX_TREE:
+        raise ValueError(f"--max-tree-tokens must be at most {LLAMA_MAX_TREE} with the "
+                         "llama.cpp engine (a tree's leaves each take a sequence)")
+    if args.dtype == "auto" and args.engine == "llama.cpp":
+        raise ValueError("--dtype applies to the torch engine; llama.cpp runs the GGUF's "
+                         "own weight types")
     if args.prefill_chunk < 1:
         raise ValueError("--prefill-chunk must be positive")
     if args.max_sessions < 1 or args.max_sessions_per_peer < 1:
@@ -142,6 +156,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
     for peer in args.accept_standing_from:
         parse_peer_id(peer)
+
+
+LLAMA_MAX_TREE = 128  # the llama.cpp engine's temporary sequences (llama_engine.py)
 
 
 # glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX).
@@ -175,10 +192,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import trio
 
-    from specedge.models import load_model, vocab_size
     from specedge.protocol import hosts
     from specedge.protocol.identity import default_identity_path, load_or_create_identity
-    from specedge.verifier.engine import TargetEngine
+    from specedge.verifier import engines
     from specedge.verifier.host import Verifier, VerifierConfig
     from specedge.verifier.metrics import VerifierMetrics
 
@@ -189,21 +205,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     key_pair = load_or_create_identity(args.identity or default_identity_path("verifier"))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
-    model, _tok = load_model(args.model, dtype, args.device)
-    store = kv_store(model, args)
-    engine = TargetEngine(model, prefill_chunk=min(args.prefill_chunk, args.max_batch_tokens),
-                          store=store)
+    engine = engines.build(args)
     engine.tree_slack = args.max_tree_tokens + 1
     engine.extra_pass_seconds = args.test_pass_delay
     log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
-             args.model, args.dtype, args.device, "reproduce" if engine.exact else
+             args.model, engine.name, args.device, "reproduce" if engine.exact else
              "may differ in the last bits from")
     config = VerifierConfig(
         model_id=args.model_id or args.model,
-        vocab_size=vocab_size(model),
-        max_context_tokens=int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20),
+        vocab_size=engine.vocab_size,
+        max_context_tokens=engine.max_context,
         revision=args.revision,
         listen=args.listen or [hosts.DEFAULT_LISTEN],
         bootstrap=args.bootstrap,

@@ -189,7 +189,8 @@ class Verifier:
             standing=self._standing, rank=config.rank_by_standing,
             boost_passes=config.standing_boost)
         self.writer = ReceiptWriter(ledger, self.metrics)
-        self.engine_name = f"torch/{str(engine.dtype).removeprefix('torch.')}"
+        self.engine_name = getattr(engine, "name", None) or \
+            f"torch/{str(engine.dtype).removeprefix('torch.')}"
         self.addrs: list[str] = []
         self.stopping = False
         self._handlers = 0
@@ -682,6 +683,8 @@ class Verifier:
             queued_prefill_tokens=min(self.scheduler.queued_prefill_rows(), MAX_QUEUE_DEPTH),
             engine=self.engine_name,
             committed_tokens=self.metrics.committed_total,
+            pass_costs=[pb.PassCost(rows=n, micros=min(int(s * 1e6), MAX_VERIFY_MICROS))
+                        for n, s in sorted(getattr(self.engine, "pass_costs", {}).items())],
         )
 
     async def _advert_handler(self, stream: INetStream) -> None:
