@@ -64,8 +64,8 @@ def forged_facts(original):  # noqa: ANN001, ANN201
 
 
 def lying_audit(original):  # noqa: ANN001, ANN201
-    def audit(model, prompt, committed, params):  # noqa: ANN001, ANN202
-        facts = original(model, prompt, committed, params)
+    def audit(model, prompt, committed, params, **how):  # noqa: ANN001, ANN202, ANN003
+        facts = original(model, prompt, committed, params, **how)
         lied = []
         for i, f in enumerate(facts):
             if i % 3 == 0:  # claim another token at every third position, far ahead
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         engine.accept = cheating_accept(1.0 if mode == "accept-all" else 0.34)
         engine.record_facts = forged_facts(engine.record_facts)
     else:
-        audit.audit_facts = lying_audit(audit.audit_facts)
+        engine.audit_facts = lying_audit(engine.audit_facts)
     from specedge.verifier.cli import main as serve
 
     return serve(rest)

@@ -276,3 +276,45 @@ def test_llama_drafter_chain_is_the_draft_models_greedy_continuation(draft_model
     free = len(drafter.shared.free)
     drafter.commit(tree, [])
     assert len(drafter.shared.free) == free + len(tree) - 1  # the forwarded nodes' sequences
+
+
+def test_verdicts_carry_the_facts_receipts_sign(model, reference):
+    """Receipts from a llama.cpp verifier carry what the node re-checks: per committed
+    position the token, its log-probability, its margin and the requested top-k."""
+    from specedge.audit import check_round
+    from specedge.sampling import SamplingParams
+    from specedge.verifier.llama_engine import VerifyJob
+
+    engine = engine_for(model)
+    state = engine.new_state(PROMPTS[0], SamplingParams(), max_new_tokens=20)
+    state.top_logprobs = 3
+    while (job := engine.next_prefill(state)) is not None:
+        engine.run([job])
+    want, _ = reference[0]
+    tokens, parents = want[:3] + [(want[3] + 1) % model.n_vocab], [-1, 0, 1, 2]
+    verdict = engine.run([VerifyJob(state, tokens, parents)]).verdicts[0]
+    assert verdict.accepted == [0, 1, 2] and verdict.bonus == want[3]
+    facts = verdict.facts
+    assert [f.token for f in facts] == want[:4]
+    assert all(f.logprob <= 0 and f.margin >= 0 for f in facts)
+    assert all(len(f.top_tokens) == 3 and f.top_tokens[0] == f.token for f in facts)
+    check_round(tokens, parents, verdict.accepted, verdict.bonus, facts, SamplingParams(),
+                len(PROMPTS[0]), 3, model.n_vocab)  # raises when the receipt contradicts itself
+    engine.release(state)
+
+
+def test_audits_replay_the_transcript_on_llama(model, reference):
+    """An auditor on llama.cpp finds the target's own choice at every committed position:
+    an honest transcript trails by nothing, a bent token is named with its deficit."""
+    from specedge.sampling import SamplingParams
+
+    engine = engine_for(model)
+    want, _ = reference[1]
+    honest = engine.audit_facts(PROMPTS[1], want[:40], SamplingParams())
+    assert [f.token for f in honest] == want[:40]
+    assert all(f.deficit == 0 for f in honest)
+    bent = list(want[:40])
+    bent[25] = (bent[25] + 1) % model.n_vocab
+    facts = engine.audit_facts(PROMPTS[1], bent, SamplingParams())
+    assert facts[25].token == want[25] and facts[25].deficit > 0
+    assert engine.reserved == 0  # the replay's cells are given back

@@ -3,7 +3,7 @@
 A node sends a signed AuditRequest (a session's prompt, sampling and committed tokens,
 never the first verifier's answers) to a verifier that did not serve the session. The
 auditor runs the transcript through its target in one prefill-style forward pass
-(`engine.audit_facts`), and answers, signed, with its own choice at every committed
+(the engine's `audit_facts`), and answers, signed, with its own choice at every committed
 position and how far each committed token trailed it. One exchange per stream; refusals
 are Error frames as on the verify protocol. Audits run one at a time, in prefill-sized
 chunks that take turns with the scheduler's passes (the engine's lock), so a long replay
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 from libp2p.abc import INetStream
 
+from specedge.kvblocks import MemoryFull
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.audits import open_audit_request, seal_audit_answer
 from specedge.protocol.envelopes import request_digest, request_envelope
@@ -27,7 +28,6 @@ from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.limits import FRAME_LIMITS, HANDSHAKE_TIMEOUT, MAX_VERIFY_MICROS
 from specedge.protocol.validation import expect
 from specedge.sampling import SamplingParams
-from specedge.verifier.engine import audit_facts
 
 if TYPE_CHECKING:
     from specedge.verifier.host import Verifier
@@ -62,11 +62,12 @@ async def serve_audit(verifier: Verifier, stream: INetStream) -> None:
     params = params_of(req.sampling)
     start = time.perf_counter()
     engine = verifier.engine
-    facts = await trio.to_thread.run_sync(
-        lambda: audit_facts(engine.model, list(req.prompt), list(req.committed), params,
-                            chunk=getattr(engine, "prefill_chunk", 512),
-                            lock=getattr(engine, "lock", None)),
-        limiter=_ONE_AT_A_TIME)
+    try:
+        facts = await trio.to_thread.run_sync(
+            lambda: engine.audit_facts(list(req.prompt), list(req.committed), params),
+            limiter=_ONE_AT_A_TIME)
+    except MemoryFull as exc:
+        raise ProtocolError(ErrorCode.BUSY, f"no room for the replay: {exc}") from None
     seconds = time.perf_counter() - start
     verifier.metrics.record_audit(seconds, len(req.committed))
     answer = pb.AuditAnswer(

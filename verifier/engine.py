@@ -410,6 +410,12 @@ class TargetEngine:
         with self.lock:  # one pass at a time, audit chunks (verifier.audit) between them
             return self._run(jobs)
 
+    def audit_facts(self, prompt: Sequence[int], committed: Sequence[int],
+                    params: SamplingParams) -> list[Facts]:
+        """An auditor's replay of a transcript on this engine's model (module function)."""
+        return audit_facts(self.model, prompt, committed, params, chunk=self.prefill_chunk,
+                           lock=self.lock)
+
     def _run(self, jobs: Sequence[Job]) -> PassResult:
         if len({id(j.state) for j in jobs}) != len(jobs):
             raise ValueError("a session appears twice in one pass")

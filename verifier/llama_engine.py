@@ -32,21 +32,29 @@ bit-exact one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from specedge.acceptance import accept
+from specedge.audit import Facts, position_facts
 from specedge.kvblocks import MemoryFull
 from specedge.llama import LlamaContext, LlamaModel
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.trees import depths, with_root
 from specedge.verification import Verdict, choice_positions
-from specedge.verifier.engine import Job, PassResult, PrefillJob, VerifyJob  # the same jobs
+from specedge.verifier.engine import (  # the same jobs, the same receipt facts
+    Job,
+    PassResult,
+    PrefillJob,
+    VerifyJob,
+    record_facts,
+)
 
 # Sequence ids a context offers (llama.cpp's LLAMA_MAX_SEQ is 256); this share of them is
 # kept for trees' temporary sequences, the rest are sessions.
@@ -65,6 +73,7 @@ class LlamaState:
     reserved: int  # cells set aside for this session at admission
     row_bytes: int
     cached: int = 0
+    top_logprobs: int = 0  # alternatives listed at each committed position (receipts)
 
     @property
     def prefix_len(self) -> int:
@@ -119,6 +128,7 @@ class LlamaEngine:
         self._lock = threading.Lock()
         self._busy = False
         self._ended: list[LlamaState] = []
+        self.lock = threading.Lock()  # one decode at a time: passes and audit chunks
 
     # -- sessions -------------------------------------------------------------------
 
@@ -186,18 +196,52 @@ class LlamaEngine:
             time.sleep(self.extra_pass_seconds)
         for job in jobs:
             _check(job, self.max_leaves)
-        with self._lock:
-            self._busy = True
-        try:
+        with self._decoding():
             verdicts, rows = self._pass(jobs)
-        finally:
-            with self._lock:
-                self._busy = False
-                ended, self._ended = self._ended, []
-                for state in ended:
-                    self._free(state)
         self.passes += 1
         return PassResult(verdicts, time.perf_counter() - start, rows)
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Hold the context for a decode; sessions released meanwhile are freed after."""
+        with self.lock:
+            with self._lock:
+                self._busy = True
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._busy = False
+                    ended, self._ended = self._ended, []
+                    for state in ended:
+                        self._free(state)
+
+    def audit_facts(self, prompt: Sequence[int], committed: Sequence[int],
+                    params: SamplingParams) -> list[Facts]:
+        """An auditor's replay of a transcript (see engine.audit_facts): prefill-style, in
+        `prefill_chunk` decodes of a sequence of its own that take turns with the passes.
+        Raises MemoryFull when its cells are not free."""
+        ids = [*prompt, *committed[:-1]]
+        first = len(prompt) - 1  # the row whose logits choose committed[0]
+        state = self.new_state(ids, params, max_new_tokens=1)
+        facts: list[Facts] = []
+        try:
+            for start in range(0, len(ids), self.prefill_chunk):
+                part = ids[start : start + self.prefill_chunk]
+                outputs = [start + i >= first for i in range(len(part))]
+                with self._decoding():
+                    logits = self.ctx.decode(part, range(start, start + len(part)),
+                                             [[state.seq]] * len(part), outputs)
+                keep = len(logits)
+                if not keep:
+                    continue
+                where = list(range(start + len(part) - keep + 1, start + len(part) + 1))
+                done = len(facts)
+                facts += position_facts(torch.from_numpy(logits), where, params,
+                                        committed[done : done + keep])
+        finally:
+            self.release(state)
+        return facts
 
     def _pass(self, jobs: Sequence[Job]) -> tuple[list[Verdict | None], int]:
         before = [(len(j.state.tokens), j.state.cached) for j in jobs]
@@ -259,9 +303,9 @@ class LlamaEngine:
                 if isinstance(job, PrefillJob):
                     job.state.cached = job.stop
                     continue
-                path, bonus = self._decide(job, logits[row : row + job.size])
+                path, bonus, facts = self._decide(job, logits[row : row + job.size])
                 row += job.size
-                verdicts[id(job)] = self._commit(job, temps[id(job)], path, bonus)
+                verdicts[id(job)] = self._commit(job, temps[id(job)], path, bonus, facts)
         finally:
             for leaves in temps.values():
                 for temp in leaves.values():
@@ -285,15 +329,18 @@ class LlamaEngine:
                 node = parents[node]
         return below, temps
 
-    def _decide(self, job: VerifyJob, logits: np.ndarray) -> tuple[list[int], int]:
-        """(accepted path, bonus): the target's choices and the one acceptance rule."""
-        prefix = job.state.prefix_len
-        chosen = choose_tokens(torch.from_numpy(logits), choice_positions(job.parents, prefix),
-                               job.state.params)
-        return accept(job.tokens, job.parents, chosen.tolist())
+    def _decide(self, job: VerifyJob,
+                logits: np.ndarray) -> tuple[list[int], int, list[Facts]]:
+        """(accepted path, bonus, the receipt's facts): the target's choices and the one
+        acceptance rule."""
+        rows = torch.from_numpy(logits)  # [n + 1, V]
+        where = choice_positions(job.parents, job.state.prefix_len)
+        chosen = choose_tokens(rows, where, job.state.params)
+        path, bonus = accept(job.tokens, job.parents, chosen.tolist())
+        return path, bonus, record_facts(rows, where, job, path, bonus)
 
     def _commit(self, job: VerifyJob, temps: dict[int, int], path: list[int],
-                bonus: int) -> Verdict:
+                bonus: int, facts: list[Facts]) -> Verdict:
         """Copy root + accepted path from a leaf's sequence below its last node into the
         session's sequence (the temporary sequences are removed after the decode)."""
         state = job.state
@@ -303,7 +350,7 @@ class LlamaEngine:
             node = children[node][0]
         stop = state.prefix_len + 1 + len(path)
         self.ctx.seq_cp(temps[node], state.seq, state.prefix_len, stop)
-        verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path])
+        verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path], facts)
         state.tokens.extend(verdict.new_tokens)
         state.cached = stop
         return verdict
