@@ -49,14 +49,16 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from specedge.protocol.netargs import (  # noqa: F401  (re-exported: their old home)
+    DEFAULT_LISTEN,
+    REANNOUNCE_INTERVAL,
+    add_bootstrap_args,
+)
+
 log = logging.getLogger("specedge.hosts")
 
-DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DIAL_TIMEOUT = 10.0  # seconds for one connect (TCP + Noise + yamux)
 DHT_TIMEOUT = 15.0  # seconds for one provide / find_providers walk
-# Provider records live 48 h in py-libp2p and cannot be withdrawn; re-announcing every
-# few minutes keeps a record fresh on peers that joined (or restarted) since.
-REANNOUNCE_INTERVAL = 300.0
 # Health monitoring: a frozen peer's connection is aborted after a failed ping, so its
 # streams see EOF within about HEALTH_INTERVAL + PING_TIMEOUT seconds. The ping timeout
 # is not tighter because a host busy with a forward pass answers pings a little late.
@@ -562,20 +564,6 @@ async def run_bootstrap_peer(
                     nursery.start_soon(service, host, dht)
                 await stop.wait()
                 nursery.cancel_scope.cancel()
-
-
-def add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``specedge bootstrap`` (shared so the CLI stays one line)."""
-    parser.add_argument("--listen", action="append", metavar="MULTIADDR",
-                        help=f"address to listen on (repeatable; default {DEFAULT_LISTEN})")
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                        help="another bootstrap peer to join (repeatable)")
-    parser.add_argument("--identity", metavar="PATH",
-                        help="identity key file (default: the 'bootstrap' key in the user "
-                        "data directory; created on first use)")
-    parser.add_argument("--announce-file", metavar="PATH",
-                        help="write the full multiaddrs here, one a line, once serving")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
 
 
 def cmd_bootstrap(

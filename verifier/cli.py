@@ -12,8 +12,8 @@ log = logging.getLogger("specedge.verifier")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specedge.protocol.hosts import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
     from specedge.protocol.limits import ADMIT_WAIT, BATCH_WAIT, IDLE_TIMEOUT, MAX_TREE_TOKENS
+    from specedge.protocol.netargs import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
 
     parser = argparse.ArgumentParser(
         prog="specedge-verifier",
@@ -281,7 +281,7 @@ def _free_memory(device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from specedge.models import ModelError
+    from specedge.errors import ModelError
     from specedge.protocol.identity import IdentityError
 
     try:
