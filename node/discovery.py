@@ -39,6 +39,7 @@ from specedge.protocol.ids import (
     PROGRESS_SINCE,
     VERIFY_PROTOCOL,
     dht_key,
+    legacy_dht_key,
     supports,
 )
 from specedge.protocol.limits import ADVERT_TIMEOUT, BUSY_WAIT, SILENCE_TIMEOUT
@@ -198,7 +199,10 @@ class VerifierPool:
         for info in self.direct:
             found.setdefault(info.peer_id.to_base58(), (info, "direct"))
         if self.dht is not None:
-            for info in await hosts.find_providers(self.dht, dht_key(self.model_id)):
+            infos = await hosts.find_providers(self.dht, dht_key(self.model_id))
+            if not infos:  # verifiers from before CID keys announce the old key only
+                infos = await hosts.find_providers(self.dht, legacy_dht_key(self.model_id))
+            for info in infos:
                 found.setdefault(info.peer_id.to_base58(), (info, "dht"))
         # A bootstrap peer may itself be a verifier; the probe tells.
         for info in self.bootstrap:

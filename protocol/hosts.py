@@ -33,8 +33,10 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 # Importing libp2p costs about 0.45 s; every user of this module needs it anyway.
@@ -64,6 +66,8 @@ DHT_TIMEOUT = 15.0  # seconds for one provide / find_providers walk
 # is not tighter because a host busy with a forward pass answers pings a little late.
 HEALTH_INTERVAL = 1.0
 PING_TIMEOUT = 2.0
+PROVIDE_SETTLE = 0.5  # seconds between an announcement and the walk that checks it
+RECHECK_INTERVAL = 30.0  # re-announce this soon while the check does not find the record
 
 
 # ---------------------------------------------------------------------------- hosts
@@ -316,23 +320,74 @@ async def provide_once(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -
     return False
 
 
+@dataclass
+class ProvideStatus:
+    """How this host's provider record fares, for an operator's status.
+
+    py-libp2p sends ADD_PROVIDER and does not wait for an answer, so a peer that refuses
+    the record (a js-libp2p peer refused non-CID keys) loses it silently: only a
+    GET_PROVIDERS walk that finds us tells that the record is really there."""
+
+    key: str
+    provided_at: float | None = None  # time.time() of the last announcement
+    checked_at: float | None = None  # of the last GET_PROVIDERS check
+    found: bool | None = None  # whether that check found this host's record
+    failures: int = 0  # checks in a row that did not find it
+
+    def as_dict(self) -> dict[str, object]:
+        return {"key": self.key, "provided_at": self.provided_at,
+                "checked_at": self.checked_at, "found": self.found,
+                "failures": self.failures}
+
+
+async def provider_found(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -> bool:
+    """Whether a GET_PROVIDERS walk of the network (not our own store) lists this host."""
+    me = dht.host.get_id()
+    cached = _set_aside_cached_providers(dht, key)
+    try:
+        with trio.move_on_after(timeout):
+            return any(i.peer_id == me for i in await dht.find_providers(key, 200))
+    except Exception as exc:
+        log.debug("DHT check of %s failed: %s", key, exc)
+    finally:
+        _restore_cached_providers(dht, cached)
+    return False
+
+
 async def provide_forever(
     dht: KadDHT,
     key: str,
     *,
     interval: float = REANNOUNCE_INTERVAL,
+    also: Sequence[str] = (),
+    status: ProvideStatus | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Announce ``key`` now and every ``interval`` seconds until cancelled.
+    """Announce ``key`` (and the ``also`` keys) now and on a schedule until cancelled,
+    checking after each announcement that a GET_PROVIDERS walk finds the record.
 
-    ``task_status.started()`` fires after the first attempt, so a caller using
-    ``nursery.start`` knows the first announcement has been made (or failed).
+    The schedule is every ``interval`` seconds while the check finds the record, and
+    every ``min(interval, RECHECK_INTERVAL)`` while it does not (a refused or lost
+    record, or a DHT with no peer to hold it yet). ``task_status.started()`` fires after
+    the first attempt; ``status`` (if given) is kept up to date for the operator.
     """
-    await provide_once(dht, key)
-    task_status.started()
+    status = status if status is not None else ProvideStatus(key)
     while True:
-        await trio.sleep(interval)
         await provide_once(dht, key)
+        for extra in also:
+            await provide_once(dht, extra)
+        status.provided_at = time.time()
+        await trio.sleep(PROVIDE_SETTLE)  # ADD_PROVIDER is not answered: let it land
+        status.found = await provider_found(dht, key)
+        status.checked_at = time.time()
+        status.failures = 0 if status.found else status.failures + 1
+        if not status.found:
+            log.warning("DHT record %s not found by a GET_PROVIDERS walk (%d in a row); "
+                        "announcing again in %.0f s", key, status.failures,
+                        min(interval, RECHECK_INTERVAL))
+        task_status.started()
+        task_status = trio.TASK_STATUS_IGNORED
+        await trio.sleep(interval if status.found else min(interval, RECHECK_INTERVAL))
 
 
 async def find_providers(

@@ -58,8 +58,9 @@ depth, mean submit-to-result time of recent requests, open sessions, tokens comm
 since start, max batch tokens, max tree tokens, vocab size, model id and revision), or
 Error UNSUPPORTED_MODEL when the query names another model. One exchange per stream.
 
-Discovery: the verifier provides ``dht_key(model_id)`` on the Kademlia DHT and
-re-announces every ``REANNOUNCE_INTERVAL`` seconds.
+Discovery: the verifier provides ``dht_key(model_id)`` (a CID) on the Kademlia DHT,
+checks through GET_PROVIDERS that the record is found, and re-announces every
+``REANNOUNCE_INTERVAL`` seconds (sooner while the check fails).
 """
 
 from __future__ import annotations
@@ -87,7 +88,13 @@ from specedge.protocol.envelopes import (
 from specedge.protocol.errors import ErrorCode, ProtocolError, error_frame
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.identity import peer_id_of
-from specedge.protocol.ids import ADVERT_PROTOCOL, PROTOCOL_VERSION, VERIFY_PROTOCOL, dht_key
+from specedge.protocol.ids import (
+    ADVERT_PROTOCOL,
+    PROTOCOL_VERSION,
+    VERIFY_PROTOCOL,
+    dht_key,
+    legacy_dht_key,
+)
 from specedge.protocol.limits import (
     ADMIT_WAIT,
     ADVERT_TIMEOUT,
@@ -181,6 +188,7 @@ class Verifier:
         self.writer = ReceiptWriter(ledger, self.metrics)
         self.engine_name = f"torch/{str(engine.dtype).removeprefix('torch.')}"
         self.addrs: list[str] = []
+        self.provided = hosts.ProvideStatus(dht_key(config.model_id))  # the DHT record's fate
         self.stopping = False
         self._handlers = 0
         self._handlers_done = trio.Event()
@@ -241,7 +249,9 @@ class Verifier:
                 await nursery.start(
                     lambda task_status: hosts.provide_forever(
                         dht, dht_key(self.config.model_id),
-                        interval=self.config.reannounce_interval, task_status=task_status))
+                        also=[legacy_dht_key(self.config.model_id)],  # until 2.0 (README)
+                        interval=self.config.reannounce_interval, status=self.provided,
+                        task_status=task_status))
                 yield
                 nursery.cancel_scope.cancel()
 
