@@ -29,7 +29,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from specedge.kvblocks import block_hashes, model_key
 from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
-from specedge.protocol import hosts
+from specedge.protocol import hosts, relay
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.envelopes import open_statement
 from specedge.protocol.errors import ErrorCode, ProtocolError
@@ -63,6 +63,7 @@ class Candidate:
     rtt_s: float
     source: str
     checked_at: float
+    path: str = ""  # "direct" or "relayed" (through a relay: the verifier is behind NAT)
 
     @property
     def peer(self) -> str:
@@ -154,6 +155,7 @@ async def open_stream(host: IHost, info: PeerInfo, protocol: str,
     try:
         with trio.fail_after(timeout):
             hosts.learn_addrs(host, info)
+            await relay.reach_peer(host, info, timeout)  # direct first, else a relay
             return await host.new_stream(info.peer_id, [protocol])
     except trio.TooSlowError:
         raise ConnectionError(f"no stream to {info.peer_id} within {timeout:g} s") from None
@@ -229,7 +231,8 @@ class VerifierPool:
                     if source != "bootstrap":  # a plain bootstrap peer is not a verifier
                         dead[peer] = str(exc)
                     return
-                alive.append(Candidate(info, advert, rtt, source, time.monotonic()))
+                alive.append(Candidate(info, advert, rtt, source, time.monotonic(),
+                                       relay.connection_path(self.host, info.peer_id) or ""))
                 self._keep_statement(peer, advert)
 
             async with trio.open_nursery() as nursery:
@@ -256,7 +259,7 @@ class VerifierPool:
         """Keep connections open to the first `count` verifiers, so failover is quick."""
         for cand in self.ranked[:count]:
             try:
-                await hosts.connect(self.host, cand.info, timeout=hosts.DIAL_TIMEOUT)
+                await relay.reach_peer(self.host, cand.info, hosts.DIAL_TIMEOUT)
             except ConnectionError as exc:
                 log.info("cannot keep %s warm: %s", cand.peer, exc)
 
@@ -403,7 +406,8 @@ async def network(identity: KeyPair, model_id: str, *, bootstrap: Sequence[str] 
     if not boot and not direct and not mdns:
         raise BootstrapError("give at least one --bootstrap peer (or --verifier, or --mdns) "
                              "to find verifiers")
-    async with hosts.running_host(identity, listen, mdns=mdns) as host:
+    async with hosts.running_host(identity, listen, mdns=mdns) as host, \
+            relay.relay_client(host):  # dial verifiers behind NAT through their relay
         if mdns:
             await trio.sleep(MDNS_WAIT)  # let LAN peers answer before the first look
         if boot and use_dht:

@@ -28,6 +28,7 @@ Nothing here imports model code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -108,12 +109,14 @@ def new_host(
     *,
     health_monitoring: bool = True,
     mdns: bool = False,
+    upnp: bool = False,
 ) -> IHost:
     """A libp2p host (Noise, yamux, TCP) with our identity and connection settings.
 
     It does not listen yet: run it with ``running_host`` or ``host.run(listen_addrs)``.
     ``mdns``: also find peers on the LAN (it multicasts on every interface: keep it
-    off in tests unless inside a private network namespace).
+    off in tests unless inside a private network namespace). ``upnp``: ask the LAN's
+    router to forward the listen ports.
     """
     return libp2p.new_host(
         key_pair=key_pair,
@@ -121,6 +124,7 @@ def new_host(
         connection_config=connection_config(health_monitoring=health_monitoring),
         muxer_preference="YAMUX",
         enable_mDNS=mdns,
+        enable_upnp=upnp,
     )
 
 
@@ -131,10 +135,12 @@ async def running_host(
     *,
     health_monitoring: bool = True,
     mdns: bool = False,
+    upnp: bool = False,
 ) -> AsyncIterator[IHost]:
     """A started host, listening on ``listen_addrs``; stopped on exit."""
     addrs = as_multiaddrs(listen_addrs)
-    host = new_host(key_pair, addrs, health_monitoring=health_monitoring, mdns=mdns)
+    host = new_host(key_pair, addrs, health_monitoring=health_monitoring, mdns=mdns,
+                    upnp=upnp)
     async with host.run(addrs):
         yield host
 
@@ -304,9 +310,26 @@ async def running_dht(
     node behind NAT may run as a client).
     """
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT)
-    async with background_trio_service(dht):
+    async with background_trio_service(dht), trio.open_nursery() as nursery:
+        if server:
+            nursery.start_soon(_drop_dht_clients, dht)
         await connect_bootstrap(host, bootstrap, dht=dht)
         yield dht
+        nursery.cancel_scope.cancel()
+
+
+async def _drop_dht_clients(dht: KadDHT, interval: float = 1.0) -> None:
+    """Keep DHT clients out of our routing table.
+
+    py-libp2p adds every peer that sends it a DHT query to its table, client or not; a
+    client behind NAT (a verifier without a direct address) then makes every lookup
+    that is handed its address wait on dials that cannot succeed (20 s measured, longer
+    than a lookup's budget). Peers whose identify says they do not serve the DHT go."""
+    while True:
+        await trio.sleep(interval)
+        for peer in dht.routing_table.get_peer_ids():
+            if _dht_role(dht.host, peer) is False:
+                dht.routing_table.remove_peer(peer)
 
 
 async def provide_once(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -> bool:
@@ -582,17 +605,25 @@ async def run_bootstrap_peer(
     announce_file: str | os.PathLike[str] | None = None,
     stop: trio.Event | None = None,
     service: Callable[[IHost, KadDHT], Awaitable[None]] | None = None,
+    relay: object = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A DHT-only peer that helps nodes and verifiers find each other.
+    """A DHT peer that helps nodes and verifiers find each other.
 
-    It serves the DHT (provider records) and nothing else. ``task_status.started``
+    It serves the DHT (provider records) and dial-back checks (hosts asking whether they
+    are reachable from outside); with ``relay`` (a ``relay.RelayLimitsConfig``) it also
+    relays connections to hosts behind NAT that reserve a slot. ``task_status.started``
     gets its full multiaddrs; with ``announce_file`` they are also written there once
     it serves. Returns when ``stop`` is set (forever without one). ``service``: a task
     run beside the DHT on the same host until then (e.g. the network monitor).
     """
+    from specedge.protocol import relay as relaying  # it builds on this module
+
     stop = stop if stop is not None else trio.Event()
-    async with running_host(key_pair, listen_addrs) as host:
+    async with running_host(key_pair, listen_addrs) as host, contextlib.AsyncExitStack() as ext:
+        await ext.enter_async_context(relaying.dialback_service(host, _listen_ip(listen_addrs)))
+        if relay is not None:
+            await ext.enter_async_context(relaying.relay_service(host, relay))
         async with running_dht(host, server=True, bootstrap=bootstrap) as dht:
             addrs = peer_addrs(host)
             for a in addrs:
@@ -603,13 +634,16 @@ async def run_bootstrap_peer(
             log.info("bootstrap peer %s serving the DHT", host.get_id().to_base58())
 
             async def add_new_peers() -> None:
-                # Peers that dial us are put into the table, so they can find each other.
+                # Peers that dial us are put into the table, so they can find each other:
+                # DHT servers only, once identify tells (a DHT client, e.g. a verifier
+                # behind NAT, would make every lookup that meets it wait on a dial).
                 known: set[ID] = set()
                 while True:
                     for pid in host.get_connected_peers():
-                        if pid not in known:
+                        if pid not in known and (kind := _dht_role(host, pid)) is not None:
                             known.add(pid)
-                            await add_to_routing_table(dht, pid)
+                            if kind:
+                                await add_to_routing_table(dht, pid)
                     known &= set(host.get_connected_peers())
                     await trio.sleep(0.5)
 
@@ -621,13 +655,36 @@ async def run_bootstrap_peer(
                 nursery.cancel_scope.cancel()
 
 
+def _dht_role(host: IHost, peer: ID) -> bool | None:
+    """True: ``peer`` serves the DHT; False: it does not; None: identify has not told yet."""
+    from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
+
+    try:
+        protocols = host.get_peerstore().get_protocols(peer)
+    except Exception:
+        return None
+    return str(KAD_PROTOCOL) in protocols if protocols else None
+
+
+def _listen_ip(listen_addrs: Sequence[str | Multiaddr]) -> str:
+    for a in as_multiaddrs(listen_addrs):
+        for proto in ("ip4", "ip6"):
+            try:
+                return str(a.value_for_protocol(proto))
+            except Exception:
+                continue
+    return "0.0.0.0"
+
+
 def cmd_bootstrap(
     args: argparse.Namespace, service: Callable[[IHost, KadDHT], Awaitable[None]] | None = None
 ) -> int:
     """Run a bootstrap peer (and ``service`` beside it) until SIGINT/SIGTERM; exit 0."""
     from specedge.protocol.identity import default_identity_path, load_or_create_identity
+    from specedge.protocol.netargs import relay_limits
 
     configure_logging(args.verbose)
+    limits = relay_limits(args) if getattr(args, "relay", False) else None
     key_pair = load_or_create_identity(args.identity or default_identity_path("bootstrap"))
 
     async def main() -> None:
@@ -637,6 +694,7 @@ def cmd_bootstrap(
             await run_bootstrap_peer(
                 key_pair, args.listen or [DEFAULT_LISTEN], bootstrap=args.bootstrap,
                 announce_file=args.announce_file, stop=stopper.event, service=service,
+                relay=limits,
             )
             nursery.cancel_scope.cancel()
 

@@ -60,7 +60,7 @@ def test_bootstrap_relay_peer_never_loads_the_model_stack(tmp_path) -> None:
     announce = tmp_path / "boot.addrs"
     code = _REPORT.replace("for argv in", "for argv in []:  #").format(
         heavy=HEAVY, module="specedge.cli", argvs=[])
-    code += (f"\nsys.exit(main(['bootstrap', '--listen', '/ip4/127.0.0.1/tcp/0', "
+    code += (f"\nsys.exit(main(['bootstrap', '--listen', '/ip4/127.0.0.1/tcp/0', '--relay', "
              f"'--identity', {str(tmp_path / 'boot.key')!r}, "
              f"'--announce-file', {str(announce)!r}]))\n")
     with spawned([sys.executable, "-c", code], tmp_path, name="boot") as proc:

@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.kad_dht import KadDHT
 
 from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
@@ -121,6 +122,7 @@ from specedge.protocol.validation import (
 from specedge.sampling import SamplingParams
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.metrics import VerifierMetrics
+from specedge.verifier.reach import Reach, ReachConfig
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
 from specedge.verifier.scheduler import Outcome, Scheduler
 from specedge.verifier.sessions import Session, SessionTable, new_session_id
@@ -163,6 +165,7 @@ class VerifierConfig:
     announce_file: str | None = None
     dht: bool = True
     reannounce_interval: float = hosts.REANNOUNCE_INTERVAL
+    reach: ReachConfig = field(default_factory=ReachConfig)  # NAT: dial-back, relays, UPnP
 
 
 class Verifier:
@@ -189,6 +192,9 @@ class Verifier:
         self.engine_name = f"torch/{str(engine.dtype).removeprefix('torch.')}"
         self.addrs: list[str] = []
         self.provided = hosts.ProvideStatus(dht_key(config.model_id))  # the DHT record's fate
+        self.reach = Reach(config.reach, config.bootstrap, self.provided)  # NAT, relays
+        self._nursery: trio.Nursery | None = None
+        self._dht: KadDHT | None = None
         self.stopping = False
         self._handlers = 0
         self._handlers_done = trio.Event()
@@ -208,7 +214,8 @@ class Verifier:
             async with trio.open_nursery() as core:
                 await core.start(self.scheduler.run)
                 core.start_soon(self._refresh_standings)
-                async with hosts.running_host(self.key_pair, self.config.listen) as host:
+                async with hosts.running_host(self.key_pair, self.config.listen,
+                                              upnp=self.config.reach.upnp) as host:
                     host.set_stream_handler(VERIFY_PROTOCOL, self._verify_handler)
                     host.set_stream_handler(ADVERT_PROTOCOL, self._advert_handler)
                     async with self._discovery(host):
@@ -241,8 +248,12 @@ class Verifier:
         if not self.config.dht:
             yield
             return
-        async with hosts.running_dht(host, bootstrap=self.config.bootstrap) as dht:
+        # Reachability first: behind NAT the DHT runs as a client, so that nobody's
+        # lookup waits on dials to an address it cannot reach (reach.py).
+        async with self.reach.running(host, on_change=self._reannounce), hosts.running_dht(
+                host, server=self.reach.dht_server, bootstrap=self.config.bootstrap) as dht:
             async with trio.open_nursery() as nursery:
+                self._nursery, self._dht = nursery, dht
                 # Started after the first announcement, so "ready" (the announce file)
                 # means "findable": a verifier restarted on a new address is otherwise
                 # looked up at its old one by nodes that ask right away.
@@ -254,6 +265,12 @@ class Verifier:
                         task_status=task_status))
                 yield
                 nursery.cancel_scope.cancel()
+
+    def _reannounce(self) -> None:
+        """Announce again now: the relayed address changed (reach.py)."""
+        if self._nursery is not None and self._dht is not None:
+            self._nursery.start_soon(hosts.provide_once, self._dht,
+                                     dht_key(self.config.model_id))
 
     async def _shutdown(self) -> None:
         """Stop accepting, answer what is in flight, then let the nurseries unwind.
