@@ -183,6 +183,7 @@ class VerifierPool:
         self.ranked: list[Candidate] = []
         self.dead: dict[str, str] = {}  # peer -> why, from the last refresh
         self.in_use: dict[str, int] = {}  # peer -> open sessions (for the status)
+        self.paths: dict[str, str] = {}  # peer -> "direct"/"relayed" when its last session opened
         self.refreshed_at = 0.0
         self._refresh_lock = trio.Lock()
         # Which verifier last served a conversation, by the chained hashes of its token
@@ -318,6 +319,7 @@ class VerifierPool:
                 log.info("verifier %s did not open a session: %s", cand.peer, exc)
                 continue
             self.in_use[cand.peer] = self.in_use.get(cand.peer, 0) + 1
+            self.paths[cand.peer] = relay.connection_path(self.host, cand.info.peer_id) or ""
             session.on_end = lambda peer=cand.peer: self.released(peer)
             return session
         return None
@@ -364,6 +366,23 @@ class VerifierPool:
         home = self._home(prompt)
         first = [c for c in cands if c.peer == home and c.advert.free_slots > 0]
         return first + [c for c in cands if c.peer != home or not first]
+
+    async def still_there(self, verifier: str) -> bool:
+        """Whether a verifier whose session just died can be used again at once: its
+        session ran through a relay (the relay may be what died) and it answers an advert
+        query now, directly or through another of its relays. The generation then
+        reopens its session there instead of avoiding it."""
+        cand = next((c for c in self.ranked if c.peer == verifier), None)
+        if self.paths.get(verifier) != "relayed" or cand is None:
+            return False
+        try:
+            await probe(self.host, cand.info, self.model_id)
+        except (ProtocolError, ConnectionError) as exc:
+            log.info("verifier %s is gone too: %s", verifier, exc)
+            return False
+        log.info("verifier %s is still there (%s); reopening the session",
+                 verifier, relay.connection_path(self.host, cand.info.peer_id))
+        return True
 
     def failed(self, verifier: str, reason: str) -> None:
         """Drop a verifier whose session failed until the next refresh probes it again, so

@@ -17,9 +17,9 @@ broken, in our code (nothing of py-libp2p is copied or patched):
   transport") even when one exists, so ``reach_peer`` dials direct addresses first and
   then each circuit address through ``CircuitV2Transport.dial`` itself.
 - **Reservations.** The transport's refresher keeps a reservation on the relay it was
-  made on and gives up when that relay dies; ``Reservations`` (verifier side) keeps one
-  slot on the first relay that grants it, notices a lost relay by its connection, and
-  reserves on the next one.
+  made on and gives up when that relay dies; ``Reservations`` (verifier side) keeps
+  slots on two relays at once, notices a lost relay by its connection, and reserves on
+  the next one (a node that loses one relay mid-generation reconnects through the other).
 
 A relay applies limits per circuit (bytes and seconds, both directions together),
 circuits per reserving peer, and reservations in all (``RelayLimitsConfig``). Nothing
@@ -236,8 +236,9 @@ _clients: weakref.WeakKeyDictionary[IHost, RelayClient] = weakref.WeakKeyDiction
 async def relay_client(host: IHost, *, hole_punch: bool = True) -> AsyncIterator[RelayClient]:
     """Stop handler, circuit dialler and DCUtR on ``host`` while the block runs."""
     proto = CircuitV2Protocol(host, allow_hop=False)
-    transport = CircuitV2Transport(host, proto, RelayConfig(roles=RelayRole.STOP
-                                                            | RelayRole.CLIENT))
+    # Role STOP only: with CLIENT the transport's discovery reserves a slot on every relay
+    # it meets, so every node would take one; slots are reserved by Reservations instead.
+    transport = CircuitV2Transport(host, proto, RelayConfig(roles=RelayRole.STOP))
     async with background_trio_service(proto):
         if not hole_punch:
             client = _clients[host] = RelayClient(host, transport, None)
@@ -292,59 +293,73 @@ async def _connect_relay_of(host: IHost, circuit: Multiaddr) -> None:
 
 
 @dataclass
-class Reservations:
-    """Keep one relay slot, failing over along ``relays`` when the relay goes away.
+class Slot:
+    relay: PeerInfo
+    expires: float
+    addrs: list[Multiaddr]
 
-    ``addrs`` is what the host advertises for the slot (``<relay addr>/p2p-circuit``);
-    ``on_change`` is called whenever it changes (to re-announce on the DHT)."""
+
+@dataclass
+class Reservations:
+    """Keep slots on ``want`` relays at once (from ``relays``, in order), replacing one
+    whose relay goes away, so a relay's death never leaves the host unreachable.
+
+    ``addrs`` is what the host advertises for its slots (``<relay>/p2p-circuit``);
+    ``on_change`` is called whenever the set of relays changes (to re-announce)."""
 
     host: IHost
     relays: list[PeerInfo]
     on_change: Callable[[], None] = lambda: None
-    relay: PeerInfo | None = None
-    expires: float = 0.0
-    addrs: list[Multiaddr] = field(default_factory=list)
+    want: int = 2
+    slots: dict[ID, Slot] = field(default_factory=dict)
     last_error: str = ""
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        return [a for slot in self.slots.values() for a in slot.addrs]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Reserve now (``started`` after the first attempt, granted or not), then keep
-        the slot: refresh it before it expires, move to another relay if this one goes."""
-        await self._reserve_any()
+        the slots: refresh each before it expires, replace one whose relay is gone."""
+        await self.fill()
         task_status.started()
         while True:
             await trio.sleep(RESERVATION_CHECK)
-            lost = self.relay is not None and connection_path(
-                self.host, self.relay.peer_id) is None
-            due = self.relay is not None and time.time() > self.expires - 60
-            if self.relay is None or lost or due:
-                if lost:
-                    log.warning("lost the relay %s; reserving again", self.relay.peer_id)
-                await self._reserve_any(prefer=None if lost else self.relay)
+            for peer, slot in list(self.slots.items()):
+                if connection_path(self.host, peer) is None:
+                    log.warning("lost the relay %s; reserving elsewhere", peer)
+                    del self.slots[peer]
+                    self.on_change()
+                elif time.time() > slot.expires - 60:
+                    await self._take(slot.relay, [])
+            if len(self.slots) < self.want:
+                await self.fill()
 
-    async def _reserve_any(self, prefer: PeerInfo | None = None) -> None:
-        order = ([prefer] if prefer else []) + [r for r in self.relays if r is not prefer]
-        errors = []
-        for relay in order:
-            try:
-                expires, addrs = await reserve(self.host, relay)
-            except ConnectionError as exc:
-                errors.append(str(exc))
-                continue
-            changed = self.relay is None or relay.peer_id != self.relay.peer_id
-            self.relay, self.expires, self.addrs, self.last_error = relay, expires, addrs, ""
-            if changed:
-                log.info("reserved a slot on relay %s: reachable at %s", relay.peer_id,
-                         ", ".join(map(str, addrs)))
-                self.on_change()
-            return
-        if self.relay is not None or not self.last_error:
-            log.warning("no relay granted a slot: %s", "; ".join(errors) or "none known")
-        had = self.relay is not None
-        self.relay, self.addrs = None, []
-        self.last_error = "; ".join(errors) or "no relay known"
-        if had:
+    async def fill(self) -> None:
+        """Reserve on relays not held yet until ``want`` slots are held (or none is left)."""
+        errors: list[str] = []
+        before = set(self.slots)
+        for relay in self.relays:
+            if len(self.slots) >= self.want:
+                break
+            if relay.peer_id not in self.slots:
+                await self._take(relay, errors)
+        self.last_error = "; ".join(errors) if not self.slots else ""
+        if set(self.slots) != before:
             self.on_change()
+
+    async def _take(self, relay: PeerInfo, errors: list[str]) -> None:
+        try:
+            expires, addrs = await reserve(self.host, relay)
+        except ConnectionError as exc:
+            errors.append(str(exc))
+            self.slots.pop(relay.peer_id, None)
+            return
+        if relay.peer_id not in self.slots:
+            log.info("reserved a slot on relay %s: reachable at %s", relay.peer_id,
+                     ", ".join(map(str, addrs)))
+        self.slots[relay.peer_id] = Slot(relay, expires, addrs)
 
 
 async def reserve(host: IHost, relay: PeerInfo,

@@ -8,7 +8,9 @@ with iptables MASQUERADE, and round trip added by a delaying TCP forwarder.
                                          10.88.2.1 ── veth ── 10.88.2.2  host b
 
 A host behind a router can dial out to wan; nothing on wan can dial in to it (the router
-has no forwarding rule), as behind a home router. Every namespace and link is made by
+drops unsolicited packets and forwards none), as behind a home router. Two such NATs let
+a TCP hole punch through (Linux conntrack keeps the source port and accepts the peer's
+simultaneous SYN), so DCUtR can succeed between a and b. Every namespace and link is made by
 the test that uses it, named with a random suffix, and deleted at the end (deleting a
 namespace deletes its veth ends and ends whatever still runs in it). Needs root, iproute2
 and iptables (scripts/system-deps installs them); the tests skip, saying why, only where
@@ -128,8 +130,11 @@ class NatTopology(Netns):
                 ("rb", self.WAN_B, self.ROUTER_B, "10.88.2.1", self.HOST_B, "b")):
             _, wan_if = self.link("wan", f"{wan_ip}/24", r, f"{pub}/24")
             self.link(r, f"{lan_gw}/24", host, f"{host_ip}/24")
+            # Like a home router: masquerade outgoing, drop (not refuse) whatever comes
+            # in unasked, so a hole-punching SYN that arrives early is retried, not reset.
             self.sh(r, f"sysctl -qw net.ipv4.ip_forward=1 && ip route add default via {wan_ip}"
-                    f" && iptables -t nat -A POSTROUTING -o {wan_if} -j MASQUERADE")
+                    f" && iptables -t nat -A POSTROUTING -o {wan_if} -j MASQUERADE"
+                    f" && iptables -A INPUT -i {wan_if} -m conntrack --ctstate NEW -j DROP")
             self.sh(host, f"ip route add default via {lan_gw}")
 
 

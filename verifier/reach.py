@@ -3,11 +3,11 @@
 At start (and every ``RECHECK_INTERVAL`` after) the verifier asks its bootstrap peers to
 dial it back on its listen ports from a host of theirs that has no connection to it
 (``specedge.protocol.relay.DialBackServer``). When one gets through, the verifier is
-reachable directly. When none does (or none can tell), it reserves a slot on a relay
+reachable directly. When none does (or none can tell), it reserves slots on two relays
 (``--relay``, or else the bootstrap peers that relay), advertises
 ``<relay>/p2p-circuit/p2p/<self>`` beside its own addresses (identify, the DHT provider
-record, the announce file), and keeps the slot, moving to another relay when its relay
-goes away. Nodes connect through the relay; DCUtR then tries to turn each relayed
+record, the announce file), and keeps the slots, replacing one whose relay goes away.
+Nodes connect through a relay; DCUtR then tries to turn each relayed
 connection into a direct one (hole punching) where the two NATs allow it.
 
 The status says it in plain words, in the log when it changes and, with
@@ -148,14 +148,13 @@ class Reach:
             before = self.state
             await self._check()
             if self.state != "direct" and before == "direct" and self.reservations is not None:
-                await self.reservations._reserve_any()
+                await self.reservations.fill()
             self._update()
 
     def _update(self) -> None:
         if self.state != "direct":
             res = self.reservations
-            self.state = "relayed" if res is not None and res.relay is not None else (
-                "unreachable")
+            self.state = "relayed" if res is not None and res.slots else "unreachable"
         text = self.summary()
         if text != self._said:
             log.info("reachability: %s", text)
@@ -199,10 +198,10 @@ class Reach:
         if self.state == "direct":
             return f"reachable directly ({self.dialback})"
         res = self.reservations
-        if self.state == "relayed" and res is not None and res.relay is not None:
+        if self.state == "relayed" and res is not None and res.slots:
             return (f"not reachable directly ({self.dialback}); reachable through relay "
-                    f"{res.relay.peer_id} at {', '.join(map(str, res.addrs))}; "
-                    f"{self.advice()}")
+                    f"{', '.join(str(p) for p in res.slots)} at "
+                    f"{', '.join(map(str, res.addrs))}; {self.advice()}")
         why = res.last_error if res is not None and res.last_error else "no relay known"
         return (f"NOT reachable: not directly ({self.dialback}) and no relay slot ({why}); "
                 f"{self.advice()}")
@@ -220,11 +219,11 @@ class Reach:
             "summary": self.summary(),
             "dialback": self.dialback,
             "direct_addr": self.direct_addr,
-            "relay": None if res is None or res.relay is None else {
-                "peer": res.relay.peer_id.to_base58(),
-                "addrs": [str(a) for a in res.addrs],
-                "expires_in_s": round(res.expires - time.time()),
-            },
+            "relays": [] if res is None else [{
+                "peer": peer.to_base58(),
+                "addrs": [str(a) for a in slot.addrs],
+                "expires_in_s": round(slot.expires - time.time()),
+            } for peer, slot in res.slots.items()],
             "advice": self.advice(),
             "upnp": None if upnp is None else {"external_ip": upnp.get_external_ip()},
             "addrs": [str(a) for a in host.get_addrs()] if host is not None else [],
