@@ -110,3 +110,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def delayed_addr(procs: object, workdir: Path, addr: str, rtt_ms: float,
+                 timeout: float = 60.0) -> str:
+    """Start a forwarder (a child in ``procs``, a ``specedge.demo.Processes``) in front of
+    the first hop of the libp2p multiaddr ``addr`` (/ip4/H/tcp/P/...) and return ``addr``
+    with that hop replaced by the forwarder's port: the node dialling it gets ``rtt_ms``
+    of round trip more on every byte to the verifier (or to its relay)."""
+    import os
+
+    parts = addr.split("/")  # ['', 'ip4', host, 'tcp', port, ...]
+    if len(parts) < 5 or parts[1] != "ip4" or parts[3] != "tcp":
+        raise ValueError(f"cannot put a forwarder in front of {addr!r}")
+    port_file = workdir / f"delay-{parts[4]}.port"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = procs.start(f"delay-{parts[4]}", [  # type: ignore[attr-defined]
+        sys.executable, "-m", "bench.latency", "--listen", f"{parts[2]}:0",
+        "--to", f"{parts[2]}:{parts[4]}", "--rtt-ms", str(rtt_ms),
+        "--port-file", str(port_file)], env=env)
+    port = procs.wait_file(port_file, proc, timeout)  # type: ignore[attr-defined]
+    return "/".join([*parts[:4], port.strip(), *parts[5:]])

@@ -276,8 +276,10 @@ async def reach_peer(host: IHost, info: PeerInfo, timeout: float = hosts.DIAL_TI
         try:
             with trio.fail_after(timeout):
                 await _connect_relay_of(host, full)
-                await client.transport.dial(full)
-            log.info("connected to %s through a relay (%s)", info.peer_id, full)
+                conn = await client.transport.dial(full)
+            # py-libp2p may pick another of the peer's relays than the one asked for.
+            used = next(iter(conn.get_transport_addresses() or []), full)
+            log.info("connected to %s through a relay (%s)", info.peer_id, used)
             return "relayed"
         except (Exception, trio.TooSlowError) as exc:
             errors.append(f"{full}: {exc or type(exc).__name__}")

@@ -168,14 +168,15 @@ def test_relay_dies_mid_generation(nat: NatTopology, tiny_target, tmp_path) -> N
             relays[addrs[0].rsplit("/p2p/", 1)[1]] = (proc, addrs[0])
         vproc, _, status_file = procs.verifier(
             "a", f"/ip4/{NatTopology.HOST_A}/tcp/4001", "--bootstrap", boot[0],
-            "--no-hole-punch", *[x for _, a in relays.values() for x in ("--relay", a)])
+            "--no-hole-punch", "--test-pass-delay", "0.1",  # a generation of seconds
+            *[x for _, a in relays.values() for x in ("--relay", a)])
         wait_until(lambda: len(status_of(status_file).get("relays", [])) == 2, 30,
                    "slots on both relays")
         n = 200
         node = node_popen(procs, "b", tmp_path, "--bootstrap", boot[0], "--prompt", PROMPT,
                           "--max-new-tokens", n)
         used = wait_until(lambda: relay_of(node.stderr()), 120, "a relayed connection")
-        node.wait_for_output("took the generation", 60)
+        wait_until(lambda: "took the generation" in node.stderr(), 60, "the session")
         relays[used][0].kill()
         assert node.wait(180) == 0, node.stderr()[-3000:] + vproc.describe()
         out = json.loads(node.stdout().strip().splitlines()[-1])
