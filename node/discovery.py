@@ -375,6 +375,11 @@ class VerifierPool:
         cand = next((c for c in self.ranked if c.peer == verifier), None)
         if self.paths.get(verifier) != "relayed" or cand is None:
             return False
+        with trio.move_on_after(2.0):  # the dead circuit may still be listed: drop it
+            try:
+                await self.host.disconnect(cand.info.peer_id)
+            except Exception:
+                pass
         try:
             await probe(self.host, cand.info, self.model_id)
         except (ProtocolError, ConnectionError) as exc:
