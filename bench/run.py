@@ -126,8 +126,11 @@ class Network:
             *reach,
         ], pinned(a.server_cores), thread_env(a.server_cores))
         addrs = self.procs.wait_file(announce, v, a.timeout).splitlines()
-        addr = next((x for x in addrs if "/p2p-circuit/" in x), addrs[0]) if a.via_relay \
-            else addrs[0]
+        addr = addrs[0]
+        if a.via_relay:
+            addr = next((x for x in addrs if "/p2p-circuit/" in x), "")
+            if not addr:
+                raise RuntimeError(f"--via-relay: the verifier got no relay slot: {addrs}")
         if a.rtt_ms:  # round trip added on the node's first hop (bench/latency.py)
             addr = delayed_addr(self.procs, self.workdir, addr, a.rtt_ms, a.timeout)
         node_announce = self.workdir / "node.addrs"
