@@ -125,7 +125,8 @@ def test_verifier_behind_nat_serves_through_the_relay(nat: NatTopology, tiny_tar
         _, boot = procs.bootstrap("relay", [f"/ip4/{nat.WAN_A}/tcp/4000",
                                             f"/ip4/{nat.WAN_B}/tcp/4000"])
         vproc, vaddrs, status_file = procs.verifier(
-            "a", f"/ip4/{NatTopology.HOST_A}/tcp/4001", "--bootstrap", boot[0])
+            "a", f"/ip4/{NatTopology.HOST_A}/tcp/4001", "--bootstrap", boot[0],
+            "--test-pass-delay", "0.15")  # a generation of seconds on any machine
         assert any("/p2p-circuit/" in a for a in vaddrs), vaddrs
         status = wait_until(lambda: status_of(status_file).get("dht", {}).get("found"),
                             30, "the DHT record check") and status_of(status_file)
@@ -134,7 +135,7 @@ def test_verifier_behind_nat_serves_through_the_relay(nat: NatTopology, tiny_tar
         assert [r["peer"] for r in status["relays"]] == [boot[0].rsplit("/p2p/", 1)[1]]
         assert "forward TCP port 4001" in status["advice"] and "10.88.1.2:4001" in status[
             "advice"]
-        n = 160  # long enough (seconds) for DCUtR's attempt during the generation
+        n = 128  # with the pass delay, long enough for DCUtR (about 5 s) to happen during it
         node = node_popen(procs, "b", tmp_path, "--bootstrap", boot[1], "--prompt", PROMPT,
                           "--max-new-tokens", n)
         seen: set[str] = set()
