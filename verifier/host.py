@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
-from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 
 from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
@@ -254,6 +254,8 @@ class Verifier:
                 host, server=self.reach.dht_server, bootstrap=self.config.bootstrap) as dht:
             async with trio.open_nursery() as nursery:
                 self._nursery, self._dht = nursery, dht
+                self.reach.on_mode = lambda server: nursery.start_soon(
+                    dht.switch_mode, DHTMode.SERVER if server else DHTMode.CLIENT)
                 # Started after the first announcement, so "ready" (the announce file)
                 # means "findable": a verifier restarted on a new address is otherwise
                 # looked up at its old one by nodes that ask right away.

@@ -64,6 +64,7 @@ class Reach:
         self.direct_addr = ""
         self.reservations: relay.Reservations | None = None
         self.host: IHost | None = None
+        self.on_mode: Callable[[bool], None] = lambda server: None  # DHT server or client
         self._said = ""
 
     # -- running -------------------------------------------------------------------
@@ -150,6 +151,8 @@ class Reach:
             if self.state != "direct" and before == "direct" and self.reservations is not None:
                 await self.reservations.fill()
             self._update()
+            if (before == "direct") != (self.state == "direct"):
+                self.on_mode(self.dht_server)  # a port forwarded (or closed) since
 
     def _update(self) -> None:
         if self.state != "direct":
