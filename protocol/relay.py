@@ -165,9 +165,15 @@ class DialBackServer:
         return response
 
     async def _try(self, peer: ID, addr: Multiaddr) -> bool:
+        # Only this address, and dialled for real: the swarm would also try the
+        # addresses of an earlier check, and refuses for a minute a peer whose every
+        # address once failed (a port forwarded just now must be seen at once).
+        self.dialer.get_peerstore().clear_addrs(peer)
+        hosts.learn_addrs(self.dialer, PeerInfo(peer, [addr]))
         try:
             await hosts.connect(self.dialer, PeerInfo(peer, [addr]), timeout=DIALBACK_TIMEOUT)
-        except ConnectionError:
+        except ConnectionError as exc:
+            log.debug("dial-back to %s at %s failed: %s", peer, addr, exc)
             return False
         with trio.move_on_after(2.0):
             await self.dialer.disconnect(peer)
