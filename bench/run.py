@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.latency import delayed_addr
 from bench.prompts import prompt_set
 from specedge.demo import Processes, free_port
 from specedge.ledger.accounting import Prices
@@ -134,6 +135,7 @@ class Network:
     def __enter__(self) -> Network:
         a = self.args
         announce = self.workdir / "verifier.addrs"
+        reach = self._relay() if a.via_relay else ["--no-dht"]
         v = self.procs.start("verifier", [
             "specedge-verifier", "serve", "--model", a.target_model, "--dtype", a.dtype,
             "--engine", _fixed_engine(a),
@@ -141,8 +143,16 @@ class Network:
             "--announce-file", str(announce), "--identity", str(self.workdir / "verifier.key"),
             "--ledger", self.ledger_url, "--metrics-port", str(self.metrics_port),
             "--batch-wait", str(a.batch_wait), *([] if self.reuse else ["--no-prefix-cache"]),
+            *reach,
         ], pinned(a.server_cores), thread_env(a.server_cores))
-        addr = self.procs.wait_file(announce, v, a.timeout).splitlines()[0]
+        addrs = self.procs.wait_file(announce, v, a.timeout).splitlines()
+        addr = addrs[0]
+        if a.via_relay:
+            addr = next((x for x in addrs if "/p2p-circuit/" in x), "")
+            if not addr:
+                raise RuntimeError(f"--via-relay: the verifier got no relay slot: {addrs}")
+        if a.rtt_ms:  # round trip added on the node's first hop (bench/latency.py)
+            addr = delayed_addr(self.procs, self.workdir, addr, a.rtt_ms, a.timeout)
         node_announce = self.workdir / "node.addrs"
         node_args = [
             "specedge-node", "join", "--verifier", addr, "--target-model", a.target_model,
@@ -162,6 +172,17 @@ class Network:
 
     def __exit__(self, *exc: object) -> None:
         self.procs.__exit__(*exc)
+
+    def _relay(self) -> list[str]:
+        """--via-relay: a relay process; the verifier keeps a slot there and is used
+        through it (no hole punching), as a verifier behind NAT is."""
+        f = self.workdir / "relay.addrs"
+        r = self.procs.start("relay", ["specedge", "bootstrap", "--relay", "--listen",
+                                       "/ip4/127.0.0.1/tcp/0", "--announce-file", str(f),
+                                       "--identity", str(self.workdir / "relay.key")],
+                             pinned(self.args.server_cores), thread_env(self.args.server_cores))
+        relay = self.procs.wait_file(f, r, self.args.timeout).splitlines()[0]
+        return ["--bootstrap", relay, "--reachability", "private", "--no-hole-punch"]
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -501,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cores for node work (default: second half)")
     ap.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
     ap.add_argument("--no-proactive", action="store_true", help="nodes draft only on demand")
+    ap.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
+                    help="specedge mode: add this round trip between node and verifier with a "
+                    "delaying TCP forwarder (bench/latency.py; default 0)")
+    ap.add_argument("--via-relay", action="store_true",
+                    help="specedge mode: the node reaches the verifier through a circuit "
+                    "relay (a `specedge bootstrap --relay` process), as behind NAT")
     ap.add_argument("--batch-wait", type=float, default=BATCH_WAIT, metavar="PASSES",
                     help="the verifier's hold for due sessions (specedge-verifier "
                     "--batch-wait; 0 never holds; default %(default)s)")
@@ -523,6 +550,7 @@ def new_report(args: argparse.Namespace, ks: list[int], prompts: list, ids: list
                    "prompt_kinds": sorted({k for k, _ in prompts}),
                    "server_cores": args.server_cores, "node_cores": args.node_cores,
                    "streams": ks, "proactive": not args.no_proactive,
+                   "rtt_ms": args.rtt_ms, "via_relay": args.via_relay,
                    "batch_wait": args.batch_wait},
         "modes": {},
     }

@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from specedge.cli import DTYPES, add_sampling_args, torch_dtype, tree_shape
-from specedge.trees import TreeShape
+from specedge.treeshape import TreeShape
 
 if TYPE_CHECKING:  # the real imports are deferred: they cost seconds
     from libp2p.crypto.keys import KeyPair

@@ -30,7 +30,7 @@ from specedge.kvblocks import block_hashes, model_key
 from specedge.node.audit import Auditor
 from specedge.node.client import Liveness, Session, SessionRequest
 from specedge.node.errors import BootstrapError, NoVerifierError, VerifiersBusy
-from specedge.protocol import hosts
+from specedge.protocol import hosts, relay
 from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.audits import ProvenFraud
 from specedge.protocol.envelopes import open_statement
@@ -43,6 +43,7 @@ from specedge.protocol.ids import (
     PROGRESS_SINCE,
     VERIFY_PROTOCOL,
     dht_key,
+    legacy_dht_key,
     supports,
 )
 from specedge.protocol.limits import ADVERT_TIMEOUT, BUSY_WAIT, SILENCE_TIMEOUT
@@ -66,6 +67,7 @@ class Candidate:
     rtt_s: float
     source: str
     checked_at: float
+    path: str = ""  # "direct" or "relayed" (through a relay: the verifier is behind NAT)
 
     @property
     def peer(self) -> str:
@@ -157,6 +159,7 @@ async def open_stream(host: IHost, info: PeerInfo, protocol: str,
     try:
         with trio.fail_after(timeout):
             hosts.learn_addrs(host, info)
+            await relay.reach_peer(host, info, timeout)  # direct first, else a relay
             return await host.new_stream(info.peer_id, [protocol])
     except trio.TooSlowError:
         raise ConnectionError(f"no stream to {info.peer_id} within {timeout:g} s") from None
@@ -184,6 +187,7 @@ class VerifierPool:
         self.ranked: list[Candidate] = []
         self.dead: dict[str, str] = {}  # peer -> why, from the last refresh
         self.in_use: dict[str, int] = {}  # peer -> open sessions (for the status)
+        self.paths: dict[str, str] = {}  # peer -> "direct"/"relayed" when its last session opened
         self.refreshed_at = 0.0
         self._refresh_lock = trio.Lock()
         # Which verifier last served a conversation, by the chained hashes of its token
@@ -210,7 +214,10 @@ class VerifierPool:
         for info in self.direct:
             found.setdefault(info.peer_id.to_base58(), (info, "direct"))
         if self.dht is not None:
-            for info in await hosts.find_providers(self.dht, dht_key(self.model_id)):
+            infos = await hosts.find_providers(self.dht, dht_key(self.model_id))
+            if not infos:  # verifiers from before CID keys announce the old key only
+                infos = await hosts.find_providers(self.dht, legacy_dht_key(self.model_id))
+            for info in infos:
                 found.setdefault(info.peer_id.to_base58(), (info, "dht"))
         # A bootstrap peer may itself be a verifier; the probe tells.
         for info in self.bootstrap:
@@ -237,7 +244,8 @@ class VerifierPool:
                     if source != "bootstrap":  # a plain bootstrap peer is not a verifier
                         dead[peer] = str(exc)
                     return
-                alive.append(Candidate(info, advert, rtt, source, time.monotonic()))
+                alive.append(Candidate(info, advert, rtt, source, time.monotonic(),
+                                       relay.connection_path(self.host, info.peer_id) or ""))
                 self._keep_statement(peer, advert)
 
             async with trio.open_nursery() as nursery:
@@ -264,7 +272,7 @@ class VerifierPool:
         """Keep connections open to the first `count` verifiers, so failover is quick."""
         for cand in self.ranked[:count]:
             try:
-                await hosts.connect(self.host, cand.info, timeout=hosts.DIAL_TIMEOUT)
+                await relay.reach_peer(self.host, cand.info, hosts.DIAL_TIMEOUT)
             except ConnectionError as exc:
                 log.info("cannot keep %s warm: %s", cand.peer, exc)
 
@@ -326,6 +334,7 @@ class VerifierPool:
             session.on_end = lambda peer=cand.peer, s=session: self._ended(peer, s)
             if self.auditor is not None and self.auditor.sync:
                 session.before_use = self.auditor.before_use
+            self.paths[cand.peer] = relay.connection_path(self.host, cand.info.peer_id) or ""
             return session
         return None
 
@@ -373,6 +382,28 @@ class VerifierPool:
         first = [c for c in cands if c.peer == home and c.advert.free_slots > 0]
         order = first + [c for c in cands if c.peer != home or not first]
         return sorted(order, key=lambda c: c.peer != self.prefer)  # stable: preferred first
+
+    async def still_there(self, verifier: str) -> bool:
+        """Whether a verifier whose session just died can be used again at once: its
+        session ran through a relay (the relay may be what died) and it answers an advert
+        query now, directly or through another of its relays. The generation then
+        reopens its session there instead of avoiding it."""
+        cand = next((c for c in self.ranked if c.peer == verifier), None)
+        if self.paths.get(verifier) != "relayed" or cand is None:
+            return False
+        with trio.move_on_after(2.0):  # the dead circuit may still be listed: drop it
+            try:
+                await self.host.disconnect(cand.info.peer_id)
+            except Exception:
+                pass
+        try:
+            await probe(self.host, cand.info, self.model_id)
+        except (ProtocolError, ConnectionError) as exc:
+            log.info("verifier %s is gone too: %s", verifier, exc)
+            return False
+        log.info("verifier %s is still there (%s); reopening the session",
+                 verifier, relay.connection_path(self.host, cand.info.peer_id))
+        return True
 
     def failed(self, verifier: str, reason: str) -> None:
         """Drop a verifier whose session failed until the next refresh probes it again, so
@@ -435,7 +466,8 @@ async def network(identity: KeyPair, model_id: str, *, bootstrap: Sequence[str] 
     if not boot and not direct and not mdns:
         raise BootstrapError("give at least one --bootstrap peer (or --verifier, or --mdns) "
                              "to find verifiers")
-    async with hosts.running_host(identity, listen, mdns=mdns) as host:
+    async with hosts.running_host(identity, listen, mdns=mdns) as host, \
+            relay.relay_client(host):  # dial verifiers behind NAT through their relay
         if mdns:
             await trio.sleep(MDNS_WAIT)  # let LAN peers answer before the first look
         pools: list[VerifierPool] = []

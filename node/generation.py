@@ -272,8 +272,10 @@ class _Run:
         failed = self.session.verifier
         await self.session.abort()
         self.session = None
-        self.avoid.add(failed)
-        self.connector.failed(failed, str(failure))
+        again = getattr(self.connector, "still_there", None)  # a dead relay, not verifier
+        if again is None or not await again(failed):
+            self.avoid.add(failed)
+            self.connector.failed(failed, str(failure))
         self.stats.failovers += 1
         log.warning("verifier %s failed (%s); failing over", failed, failure)
         self._event("failover", verifier=failed, reason=str(failure),

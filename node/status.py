@@ -59,6 +59,16 @@ def audit_line(auditor: object) -> str:
                                     if banned else ""))
 
 
+def relay_path(pool: VerifierPool, cand: object) -> str | None:
+    """How the node reaches a verifier now: direct, or relayed (it is behind NAT)."""
+    from specedge.protocol.relay import connection_path
+
+    try:
+        return connection_path(pool.host, cand.info.peer_id)
+    except Exception:  # a pool without a live host (a test's fake, a stopped node)
+        return None
+
+
 def render(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None, *,
            node: str = "", api: str = "") -> Group:
     """The status screen: a header, the verifiers table and the work/credit table."""
@@ -71,21 +81,22 @@ def render(edge: Edge, pool: VerifierPool | None, book: ReceiptBook | None, *,
         head.append(f"\nAPI {api}/v1", style="green")
 
     vt = Table(title="verifiers", expand=True, title_justify="left")
-    for col in ("peer", "from", "state", "free slots", "queue", "round trip", "verify",
+    for col in ("peer", "from", "path", "state", "free slots", "queue", "round trip", "verify",
                 "my standing"):
         vt.add_column(col)
     if pool is not None:
         for i, c in enumerate(pool.ranked):
             busy = pool.in_use.get(c.peer, 0)
             state = f"in use ({busy})" if busy else ("spare" if i < 2 else "known")
-            vt.add_row(_short(c.peer), c.source, state, str(c.advert.free_slots),
+            path = relay_path(pool, c) or c.path or "-"
+            vt.add_row(_short(c.peer), c.source, path, state, str(c.advert.free_slots),
                        str(c.advert.queue_depth), f"{c.rtt_s * 1e3:.1f} ms",
                        f"{c.advert.mean_verify_micros / 1e3:.1f} ms",
                        f"{c.advert.your_standing:.0f}" if c.advert.your_standing else "-")
         for peer, why in pool.dead.items():
-            vt.add_row(_short(peer), "", Text("dead", style="red"), "", "", "", why[:40], "")
+            vt.add_row(_short(peer), "", "", Text("dead", style="red"), "", "", "", why[:40], "")
         if not pool.ranked and not pool.dead:
-            vt.add_row("(none found yet)", "", "", "", "", "", "", "")
+            vt.add_row("(none found yet)", "", "", "", "", "", "", "", "")
 
     wt = Table(title="work", expand=True, title_justify="left", show_header=False)
     wt.add_column("what")

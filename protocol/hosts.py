@@ -28,13 +28,16 @@ Nothing here imports model code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 # Importing libp2p costs about 0.45 s; every user of this module needs it anyway.
@@ -49,19 +52,23 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from specedge.protocol.netargs import (  # noqa: F401  (re-exported: their old home)
+    DEFAULT_LISTEN,
+    REANNOUNCE_INTERVAL,
+    add_bootstrap_args,
+)
+
 log = logging.getLogger("specedge.hosts")
 
-DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DIAL_TIMEOUT = 10.0  # seconds for one connect (TCP + Noise + yamux)
 DHT_TIMEOUT = 15.0  # seconds for one provide / find_providers walk
-# Provider records live 48 h in py-libp2p and cannot be withdrawn; re-announcing every
-# few minutes keeps a record fresh on peers that joined (or restarted) since.
-REANNOUNCE_INTERVAL = 300.0
 # Health monitoring: a frozen peer's connection is aborted after a failed ping, so its
 # streams see EOF within about HEALTH_INTERVAL + PING_TIMEOUT seconds. The ping timeout
 # is not tighter because a host busy with a forward pass answers pings a little late.
 HEALTH_INTERVAL = 1.0
 PING_TIMEOUT = 2.0
+PROVIDE_SETTLE = 0.5  # seconds between an announcement and the walk that checks it
+RECHECK_INTERVAL = 30.0  # re-announce this soon while the check does not find the record
 
 
 # ---------------------------------------------------------------------------- hosts
@@ -102,12 +109,14 @@ def new_host(
     *,
     health_monitoring: bool = True,
     mdns: bool = False,
+    upnp: bool = False,
 ) -> IHost:
     """A libp2p host (Noise, yamux, TCP) with our identity and connection settings.
 
     It does not listen yet: run it with ``running_host`` or ``host.run(listen_addrs)``.
     ``mdns``: also find peers on the LAN (it multicasts on every interface: keep it
-    off in tests unless inside a private network namespace).
+    off in tests unless inside a private network namespace). ``upnp``: ask the LAN's
+    router to forward the listen ports.
     """
     return libp2p.new_host(
         key_pair=key_pair,
@@ -115,6 +124,7 @@ def new_host(
         connection_config=connection_config(health_monitoring=health_monitoring),
         muxer_preference="YAMUX",
         enable_mDNS=mdns,
+        enable_upnp=upnp,
     )
 
 
@@ -125,10 +135,12 @@ async def running_host(
     *,
     health_monitoring: bool = True,
     mdns: bool = False,
+    upnp: bool = False,
 ) -> AsyncIterator[IHost]:
     """A started host, listening on ``listen_addrs``; stopped on exit."""
     addrs = as_multiaddrs(listen_addrs)
-    host = new_host(key_pair, addrs, health_monitoring=health_monitoring, mdns=mdns)
+    host = new_host(key_pair, addrs, health_monitoring=health_monitoring, mdns=mdns,
+                    upnp=upnp)
     async with host.run(addrs):
         yield host
 
@@ -298,9 +310,26 @@ async def running_dht(
     node behind NAT may run as a client).
     """
     dht = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT)
-    async with background_trio_service(dht):
+    async with background_trio_service(dht), trio.open_nursery() as nursery:
+        if server:
+            nursery.start_soon(_drop_dht_clients, dht)
         await connect_bootstrap(host, bootstrap, dht=dht)
         yield dht
+        nursery.cancel_scope.cancel()
+
+
+async def _drop_dht_clients(dht: KadDHT, interval: float = 1.0) -> None:
+    """Keep DHT clients out of our routing table.
+
+    py-libp2p adds every peer that sends it a DHT query to its table, client or not; a
+    client behind NAT (a verifier without a direct address) then makes every lookup
+    that is handed its address wait on dials that cannot succeed (20 s measured, longer
+    than a lookup's budget). Peers whose identify says they do not serve the DHT go."""
+    while True:
+        await trio.sleep(interval)
+        for peer in dht.routing_table.get_peer_ids():
+            if _dht_role(dht.host, peer) is False:
+                dht.routing_table.remove_peer(peer)
 
 
 async def provide_once(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -> bool:
@@ -314,23 +343,74 @@ async def provide_once(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -
     return False
 
 
+@dataclass
+class ProvideStatus:
+    """How this host's provider record fares, for an operator's status.
+
+    py-libp2p sends ADD_PROVIDER and does not wait for an answer, so a peer that refuses
+    the record (a js-libp2p peer refused non-CID keys) loses it silently: only a
+    GET_PROVIDERS walk that finds us tells that the record is really there."""
+
+    key: str
+    provided_at: float | None = None  # time.time() of the last announcement
+    checked_at: float | None = None  # of the last GET_PROVIDERS check
+    found: bool | None = None  # whether that check found this host's record
+    failures: int = 0  # checks in a row that did not find it
+
+    def as_dict(self) -> dict[str, object]:
+        return {"key": self.key, "provided_at": self.provided_at,
+                "checked_at": self.checked_at, "found": self.found,
+                "failures": self.failures}
+
+
+async def provider_found(dht: KadDHT, key: str, *, timeout: float = DHT_TIMEOUT) -> bool:
+    """Whether a GET_PROVIDERS walk of the network (not our own store) lists this host."""
+    me = dht.host.get_id()
+    cached = _set_aside_cached_providers(dht, key)
+    try:
+        with trio.move_on_after(timeout):
+            return any(i.peer_id == me for i in await dht.find_providers(key, 200))
+    except Exception as exc:
+        log.debug("DHT check of %s failed: %s", key, exc)
+    finally:
+        _restore_cached_providers(dht, cached)
+    return False
+
+
 async def provide_forever(
     dht: KadDHT,
     key: str,
     *,
     interval: float = REANNOUNCE_INTERVAL,
+    also: Sequence[str] = (),
+    status: ProvideStatus | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Announce ``key`` now and every ``interval`` seconds until cancelled.
+    """Announce ``key`` (and the ``also`` keys) now and on a schedule until cancelled,
+    checking after each announcement that a GET_PROVIDERS walk finds the record.
 
-    ``task_status.started()`` fires after the first attempt, so a caller using
-    ``nursery.start`` knows the first announcement has been made (or failed).
+    The schedule is every ``interval`` seconds while the check finds the record, and
+    every ``min(interval, RECHECK_INTERVAL)`` while it does not (a refused or lost
+    record, or a DHT with no peer to hold it yet). ``task_status.started()`` fires after
+    the first attempt; ``status`` (if given) is kept up to date for the operator.
     """
-    await provide_once(dht, key)
-    task_status.started()
+    status = status if status is not None else ProvideStatus(key)
     while True:
-        await trio.sleep(interval)
         await provide_once(dht, key)
+        for extra in also:
+            await provide_once(dht, extra)
+        status.provided_at = time.time()
+        await trio.sleep(PROVIDE_SETTLE)  # ADD_PROVIDER is not answered: let it land
+        status.found = await provider_found(dht, key)
+        status.checked_at = time.time()
+        status.failures = 0 if status.found else status.failures + 1
+        if not status.found:
+            log.warning("DHT record %s not found by a GET_PROVIDERS walk (%d in a row); "
+                        "announcing again in %.0f s", key, status.failures,
+                        min(interval, RECHECK_INTERVAL))
+        task_status.started()
+        task_status = trio.TASK_STATUS_IGNORED
+        await trio.sleep(interval if status.found else min(interval, RECHECK_INTERVAL))
 
 
 async def find_providers(
@@ -525,17 +605,25 @@ async def run_bootstrap_peer(
     announce_file: str | os.PathLike[str] | None = None,
     stop: trio.Event | None = None,
     service: Callable[[IHost, KadDHT], Awaitable[None]] | None = None,
+    relay: object = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A DHT-only peer that helps nodes and verifiers find each other.
+    """A DHT peer that helps nodes and verifiers find each other.
 
-    It serves the DHT (provider records) and nothing else. ``task_status.started``
+    It serves the DHT (provider records) and dial-back checks (hosts asking whether they
+    are reachable from outside); with ``relay`` (a ``relay.RelayLimitsConfig``) it also
+    relays connections to hosts behind NAT that reserve a slot. ``task_status.started``
     gets its full multiaddrs; with ``announce_file`` they are also written there once
     it serves. Returns when ``stop`` is set (forever without one). ``service``: a task
     run beside the DHT on the same host until then (e.g. the network monitor).
     """
+    from specedge.protocol import relay as relaying  # it builds on this module
+
     stop = stop if stop is not None else trio.Event()
-    async with running_host(key_pair, listen_addrs) as host:
+    async with running_host(key_pair, listen_addrs) as host, contextlib.AsyncExitStack() as ext:
+        await ext.enter_async_context(relaying.dialback_service(host, _listen_ip(listen_addrs)))
+        if relay is not None:
+            await ext.enter_async_context(relaying.relay_service(host, relay))
         async with running_dht(host, server=True, bootstrap=bootstrap) as dht:
             addrs = peer_addrs(host)
             for a in addrs:
@@ -546,13 +634,16 @@ async def run_bootstrap_peer(
             log.info("bootstrap peer %s serving the DHT", host.get_id().to_base58())
 
             async def add_new_peers() -> None:
-                # Peers that dial us are put into the table, so they can find each other.
+                # Peers that dial us are put into the table, so they can find each other:
+                # DHT servers only, once identify tells (a DHT client, e.g. a verifier
+                # behind NAT, would make every lookup that meets it wait on a dial).
                 known: set[ID] = set()
                 while True:
                     for pid in host.get_connected_peers():
-                        if pid not in known:
+                        if pid not in known and (kind := _dht_role(host, pid)) is not None:
                             known.add(pid)
-                            await add_to_routing_table(dht, pid)
+                            if kind:
+                                await add_to_routing_table(dht, pid)
                     known &= set(host.get_connected_peers())
                     await trio.sleep(0.5)
 
@@ -564,18 +655,25 @@ async def run_bootstrap_peer(
                 nursery.cancel_scope.cancel()
 
 
-def add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``specedge bootstrap`` (shared so the CLI stays one line)."""
-    parser.add_argument("--listen", action="append", metavar="MULTIADDR",
-                        help=f"address to listen on (repeatable; default {DEFAULT_LISTEN})")
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                        help="another bootstrap peer to join (repeatable)")
-    parser.add_argument("--identity", metavar="PATH",
-                        help="identity key file (default: the 'bootstrap' key in the user "
-                        "data directory; created on first use)")
-    parser.add_argument("--announce-file", metavar="PATH",
-                        help="write the full multiaddrs here, one a line, once serving")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+def _dht_role(host: IHost, peer: ID) -> bool | None:
+    """True: ``peer`` serves the DHT; False: it does not; None: identify has not told yet."""
+    from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
+
+    try:
+        protocols = host.get_peerstore().get_protocols(peer)
+    except Exception:
+        return None
+    return str(KAD_PROTOCOL) in protocols if protocols else None
+
+
+def _listen_ip(listen_addrs: Sequence[str | Multiaddr]) -> str:
+    for a in as_multiaddrs(listen_addrs):
+        for proto in ("ip4", "ip6"):
+            try:
+                return str(a.value_for_protocol(proto))
+            except Exception:
+                continue
+    return "0.0.0.0"
 
 
 def cmd_bootstrap(
@@ -583,8 +681,10 @@ def cmd_bootstrap(
 ) -> int:
     """Run a bootstrap peer (and ``service`` beside it) until SIGINT/SIGTERM; exit 0."""
     from specedge.protocol.identity import default_identity_path, load_or_create_identity
+    from specedge.protocol.netargs import relay_limits
 
     configure_logging(args.verbose)
+    limits = relay_limits(args) if getattr(args, "relay", False) else None
     key_pair = load_or_create_identity(args.identity or default_identity_path("bootstrap"))
 
     async def main() -> None:
@@ -594,6 +694,7 @@ def cmd_bootstrap(
             await run_bootstrap_peer(
                 key_pair, args.listen or [DEFAULT_LISTEN], bootstrap=args.bootstrap,
                 announce_file=args.announce_file, stop=stopper.event, service=service,
+                relay=limits,
             )
             nursery.cancel_scope.cancel()
 

@@ -39,7 +39,8 @@ AUDIT_SINCE = (1, 2, 0)  # Receipt.positions and the audit protocol
 AUDIT_FAMILY = "/specedge/audit"
 AUDIT_PROTOCOL = f"{AUDIT_FAMILY}/{PROTOCOL_MAJOR}.0.0"
 
-DHT_NAMESPACE = "/specedge/model/"
+DHT_NAMESPACE = "/specedge/model/"  # the legacy (pre-CID) provider key prefix
+DHT_DOMAIN = b"specedge/model/v1\x00"  # hashed before the model id into the CID key
 
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 
@@ -111,8 +112,22 @@ def negotiate(offered: Iterable[str], family: str = VERIFY_FAMILY) -> str:
 def dht_key(model_id: str) -> str:
     """The Kademlia provider key under which verifiers of ``model_id`` advertise.
 
-    A plain namespaced string: libp2p's DHT silently decodes keys that parse as hex or
-    a CID, so a bare hex digest would not be the key we meant. Hashing keeps any model
-    id (paths, odd characters) to a fixed, safe length.
+    A CIDv1 (raw codec, sha2-256 of a domain-separated model id), in base32 text. Every
+    libp2p DHT takes a provider key as a CID and puts its multihash on the wire:
+    py-libp2p decodes the text itself, and a js-libp2p or go-libp2p peer accepts the
+    32-byte sha2-256 multihash it receives (js refused the old ``/specedge/model/<hex>``
+    key with "Invalid CID", so those records only lived on py-libp2p peers). The domain
+    prefix keeps our keys apart from any content whose bytes happen to be a model id.
     """
+    from cid import V1Builder  # py-cid: py-libp2p's own dependency for its CIDs
+
+    digest_input = DHT_DOMAIN + model_id.encode("utf-8")
+    return V1Builder(codec="raw", mh_type="sha2-256").sum(digest_input).encode("base32").decode()
+
+
+def legacy_dht_key(model_id: str) -> str:
+    """The provider key of SpecEdge before CIDs (``/specedge/model/<sha256 hex>``).
+
+    Verifiers still announce it and nodes look it up when the CID key finds nobody, so
+    old and new peers find each other during the migration (see the README)."""
     return DHT_NAMESPACE + hashlib.sha256(model_id.encode("utf-8")).hexdigest()

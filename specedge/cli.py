@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from specedge.trees import TreeShape
+from specedge.treeshape import TreeShape
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not draft the next tree while a verification is pending")
     gen.set_defaults(func=cmd_generate)
     from specedge.monitor.cli import add_bootstrap_monitor_args, add_monitor_args
-    from specedge.protocol.hosts import add_bootstrap_args
+    from specedge.protocol.netargs import add_bootstrap_args
 
     boot = sub.add_parser("bootstrap", help="run a DHT-only peer that nodes and verifiers "
                           "bootstrap from (what a network operator runs on a public address)")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from specedge.models import ModelError
+    from specedge.errors import ModelError
 
     try:
         if argv[:1] == ["bench"]:

@@ -29,7 +29,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from specedge.models import DEMO_DRAFT, DEMO_TARGET, TINY_DRAFT, TINY_TARGET
+from specedge.errors import DEMO_DRAFT, DEMO_TARGET, TINY_DRAFT, TINY_TARGET
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",

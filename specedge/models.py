@@ -22,11 +22,15 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-TINY_TARGET = "tiny-test"
-TINY_DRAFT = "tiny-test-draft"
-DEMO_TARGET = "qwen2.5-coder-1.5b"
-DEMO_DRAFT = "qwen2.5-coder-0.5b"
-PRESETS = (TINY_TARGET, TINY_DRAFT, DEMO_TARGET, DEMO_DRAFT)
+# Defined apart (and re-exported here) so the CLIs use them without loading torch.
+from specedge.errors import (  # noqa: F401
+    DEMO_DRAFT,
+    DEMO_TARGET,
+    PRESETS,
+    TINY_DRAFT,
+    TINY_TARGET,
+    ModelError,
+)
 
 # The pairing a node uses when it is told only one side.
 DEFAULT_DRAFT_FOR = {TINY_TARGET: TINY_DRAFT, DEMO_TARGET: DEMO_DRAFT}
@@ -41,10 +45,6 @@ _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class ModelError(RuntimeError):
-    """A model cannot be loaded or paired; the message says what to do."""
 
 
 @dataclass(frozen=True)

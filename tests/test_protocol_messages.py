@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 import subprocess
@@ -27,6 +28,7 @@ from specedge.protocol.ids import (
     VERIFY_PROTOCOL,
     check_version,
     dht_key,
+    legacy_dht_key,
     negotiate,
     parse_protocol_id,
     supports,
@@ -200,12 +202,19 @@ def test_protocol_ids_and_versions() -> None:
     assert e.value.code == ErrorCode.MALFORMED
 
 
-def test_dht_key_is_namespaced_and_not_hex() -> None:
+def test_dht_key_is_a_cidv1_raw_sha256_of_a_domain_separated_model_id() -> None:
+    from cid import from_string
+    from libp2p.kad_dht.kad_dht import _encode_key
+
     key = dht_key("Qwen/Qwen2.5-Coder-1.5B")
-    assert re.fullmatch(r"/specedge/model/[0-9a-f]{64}", key)
+    cid = from_string(key)
+    assert key.startswith("bafkrei") and cid.version == 1 and cid.codec == "raw"
+    digest = hashlib.sha256(b"specedge/model/v1\x00Qwen/Qwen2.5-Coder-1.5B").digest()
+    # What goes on the wire (py-libp2p, go and js alike): the sha2-256 multihash.
+    assert _encode_key(key) == bytes([0x12, 0x20]) + digest == cid.multihash
     assert key == dht_key("Qwen/Qwen2.5-Coder-1.5B") != dht_key("tiny-test")
-    with pytest.raises(ValueError):
-        bytes.fromhex(key)  # libp2p's DHT would otherwise decode it as hex
+    assert legacy_dht_key("tiny-test") == "/specedge/model/" + hashlib.sha256(
+        b"tiny-test").hexdigest()
 
 
 def _normalise(text: str) -> str:

@@ -82,6 +82,43 @@ def test_dht_discovery_through_a_bootstrap_peer():
     trio.run(main)
 
 
+def test_reprovide_checks_the_record_through_get_providers():
+    """The record under the CID key is checked by a GET_PROVIDERS walk (the status says
+    whether it was found); the legacy key is announced beside it for old nodes; a host
+    whose DHT has nobody to hold the record is told so."""
+    from specedge.protocol.ids import legacy_dht_key
+
+    async def main() -> None:
+        with trio.fail_after(40):
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                boot = await nursery.start(lambda task_status: hosts.run_bootstrap_peer(
+                    create_new_key_pair(), LOOPBACK, stop=stop, task_status=task_status))
+                async with hosts.running_host(create_new_key_pair(), LOOPBACK) as provider, \
+                        hosts.running_host(create_new_key_pair(), LOOPBACK) as seeker, \
+                        hosts.running_host(create_new_key_pair(), LOOPBACK) as alone:
+                    async with hosts.running_dht(provider, bootstrap=boot) as pdht, \
+                            hosts.running_dht(seeker, server=False, bootstrap=boot) as sdht, \
+                            hosts.running_dht(alone) as adht, trio.open_nursery() as inner:
+                        status = hosts.ProvideStatus(dht_key("tiny-test"))
+                        await inner.start(lambda task_status: hosts.provide_forever(
+                            pdht, dht_key("tiny-test"), also=[legacy_dht_key("tiny-test")],
+                            status=status, task_status=task_status))
+                        assert status.found is True and status.failures == 0
+                        assert status.checked_at >= status.provided_at
+                        old = await hosts.find_providers(sdht, legacy_dht_key("tiny-test"))
+                        assert [i.peer_id for i in old] == [provider.get_id()]
+                        lonely = hosts.ProvideStatus(dht_key("tiny-test"))
+                        await inner.start(lambda task_status: hosts.provide_forever(
+                            adht, dht_key("tiny-test"), status=lonely,
+                            task_status=task_status))
+                        assert lonely.found is False and lonely.failures == 1
+                        inner.cancel_scope.cancel()
+                stop.set()
+
+    trio.run(main)
+
+
 def test_logging_hides_libp2p_noise_but_not_ours():
     out = io.StringIO()
     root = logging.getLogger()

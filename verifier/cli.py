@@ -12,8 +12,8 @@ log = logging.getLogger("specedge.verifier")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specedge.protocol.hosts import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
     from specedge.protocol.limits import ADMIT_WAIT, BATCH_WAIT, IDLE_TIMEOUT, MAX_TREE_TOKENS
+    from specedge.protocol.netargs import DEFAULT_LISTEN, REANNOUNCE_INTERVAL
 
     parser = argparse.ArgumentParser(
         prog="specedge-verifier",
@@ -36,6 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not join the DHT (direct dialling only)")
     p.add_argument("--reannounce", type=float, default=REANNOUNCE_INTERVAL, metavar="SECONDS",
                    help="DHT provider re-announce interval (default: %(default)s)")
+    p.add_argument("--reachability", choices=("auto", "public", "private"), default="auto",
+                   help="auto: ask the bootstrap peers to dial back, and reserve a relay slot "
+                   "when they cannot; public: never use a relay; private: always (default: "
+                   "%(default)s; see 'Running a verifier behind NAT' in the README)")
+    p.add_argument("--relay", action="append", default=[], dest="relays", metavar="MULTIADDR",
+                   help="relay to reserve a slot on when not reachable directly (repeatable, "
+                   "tried in order; default: the bootstrap peers that relay)")
+    p.add_argument("--upnp", action="store_true",
+                   help="ask the router (UPnP IGD) to forward the listen port")
+    p.add_argument("--no-hole-punch", action="store_true",
+                   help="keep relayed connections relayed (no DCUtR hole punching)")
+    p.add_argument("--status-file", metavar="PATH",
+                   help="keep a JSON status here (reachability, relay, what to forward, the "
+                   "DHT record, how each peer is connected), rewritten every 2 s")
     p.add_argument("--identity", metavar="PATH",
                    help="identity key file (default: the 'verifier' key in the user data "
                    "directory; created on first use)")
@@ -197,6 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specedge.verifier import engines
     from specedge.verifier.host import Verifier, VerifierConfig
     from specedge.verifier.metrics import VerifierMetrics
+    from specedge.verifier.reach import ReachConfig
 
     hosts.configure_logging(args.verbose)
     if args.verbose < 2:  # the ledger's migrations announce themselves at INFO
@@ -232,6 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         announce_file=args.announce_file,
         dht=not args.no_dht,
         reannounce_interval=args.reannounce,
+        reach=ReachConfig(mode=args.reachability, relays=args.relays, upnp=args.upnp,
+                          hole_punch=not args.no_hole_punch, status_file=args.status_file),
     )
     metrics = VerifierMetrics()
     if args.metrics_port is not None:
@@ -292,7 +309,7 @@ def _free_memory(device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from specedge.models import ModelError
+    from specedge.errors import ModelError
     from specedge.protocol.identity import IdentityError
 
     try:

@@ -58,8 +58,9 @@ depth, mean submit-to-result time of recent requests, open sessions, tokens comm
 since start, max batch tokens, max tree tokens, vocab size, model id and revision), or
 Error UNSUPPORTED_MODEL when the query names another model. One exchange per stream.
 
-Discovery: the verifier provides ``dht_key(model_id)`` on the Kademlia DHT and
-re-announces every ``REANNOUNCE_INTERVAL`` seconds.
+Discovery: the verifier provides ``dht_key(model_id)`` (a CID) on the Kademlia DHT,
+checks through GET_PROVIDERS that the record is found, and re-announces every
+``REANNOUNCE_INTERVAL`` seconds (sooner while the check fails).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 
 from specedge.kvblocks import MemoryFull
 from specedge.protocol import hosts
@@ -95,6 +97,7 @@ from specedge.protocol.ids import (
     PROTOCOL_VERSION,
     VERIFY_PROTOCOL,
     dht_key,
+    legacy_dht_key,
 )
 from specedge.protocol.limits import (
     ADMIT_WAIT,
@@ -123,6 +126,7 @@ from specedge.sampling import SamplingParams
 from specedge.verifier.audit import serve_audit
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.metrics import VerifierMetrics
+from specedge.verifier.reach import Reach, ReachConfig
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
 from specedge.verifier.scheduler import Outcome, Scheduler
 from specedge.verifier.sessions import Session, SessionTable, new_session_id
@@ -166,6 +170,7 @@ class VerifierConfig:
     dht: bool = True
     reannounce_interval: float = hosts.REANNOUNCE_INTERVAL
     gossip: bool = True  # relay fraud proofs (protocol.gossip)
+    reach: ReachConfig = field(default_factory=ReachConfig)  # NAT: dial-back, relays, UPnP
 
 
 class Verifier:
@@ -192,6 +197,10 @@ class Verifier:
         self.engine_name = getattr(engine, "name", None) or \
             f"torch/{str(engine.dtype).removeprefix('torch.')}"
         self.addrs: list[str] = []
+        self.provided = hosts.ProvideStatus(dht_key(config.model_id))  # the DHT record's fate
+        self.reach = Reach(config.reach, config.bootstrap, self.provided)  # NAT, relays
+        self._nursery: trio.Nursery | None = None
+        self._dht: KadDHT | None = None
         self.stopping = False
         self._handlers = 0
         self._handlers_done = trio.Event()
@@ -211,7 +220,8 @@ class Verifier:
             async with trio.open_nursery() as core:
                 await core.start(self.scheduler.run)
                 core.start_soon(self._refresh_standings)
-                async with hosts.running_host(self.key_pair, self.config.listen) as host:
+                async with hosts.running_host(self.key_pair, self.config.listen,
+                                              upnp=self.config.reach.upnp) as host:
                     host.set_stream_handler(VERIFY_PROTOCOL, self._verify_handler)
                     host.set_stream_handler(ADVERT_PROTOCOL, self._advert_handler)
                     host.set_stream_handler(AUDIT_PROTOCOL, self._audit_handler)
@@ -245,15 +255,23 @@ class Verifier:
         if not self.config.dht:
             yield
             return
-        async with hosts.running_dht(host, bootstrap=self.config.bootstrap) as dht:
+        # Reachability first: behind NAT the DHT runs as a client, so that nobody's
+        # lookup waits on dials to an address it cannot reach (reach.py).
+        async with self.reach.running(host, on_change=self._reannounce), hosts.running_dht(
+                host, server=self.reach.dht_server, bootstrap=self.config.bootstrap) as dht:
             async with trio.open_nursery() as nursery:
+                self._nursery, self._dht = nursery, dht
+                self.reach.on_mode = lambda server: nursery.start_soon(
+                    dht.switch_mode, DHTMode.SERVER if server else DHTMode.CLIENT)
                 # Started after the first announcement, so "ready" (the announce file)
                 # means "findable": a verifier restarted on a new address is otherwise
                 # looked up at its old one by nodes that ask right away.
                 await nursery.start(
                     lambda task_status: hosts.provide_forever(
                         dht, dht_key(self.config.model_id),
-                        interval=self.config.reannounce_interval, task_status=task_status))
+                        also=[legacy_dht_key(self.config.model_id)],  # until 2.0 (README)
+                        interval=self.config.reannounce_interval, status=self.provided,
+                        task_status=task_status))
                 yield
                 nursery.cancel_scope.cancel()
 
@@ -262,6 +280,12 @@ class Verifier:
         if not self.config.gossip:
             return contextlib.nullcontext()
         return fraud_gossip(host)
+
+    def _reannounce(self) -> None:
+        """Announce again now: the relayed address changed (reach.py)."""
+        if self._nursery is not None and self._dht is not None:
+            self._nursery.start_soon(hosts.provide_once, self._dht,
+                                     dht_key(self.config.model_id))
 
     async def _shutdown(self) -> None:
         """Stop accepting, answer what is in flight, then let the nurseries unwind.
