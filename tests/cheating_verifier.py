@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {MODES}")
-    from specedge.verifier import audit, engine
+    from specedge.verifier import engine
 
     if mode in ("accept-all", "sometimes"):
         engine.accept = cheating_accept(1.0 if mode == "accept-all" else 0.34)
