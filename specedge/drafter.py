@@ -10,6 +10,7 @@ a hit the next tree is ready the moment the verdict arrives.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from specedge import kvcache
+from specedge.costs import CostCurve, worth_adding
 from specedge.kvblocks import BlockStore, block_hashes
 from specedge.trees import TokenTree, TreeShape, tree_mask, tree_positions
 
@@ -40,11 +42,22 @@ class Growth:
     # Top next-token candidates for every forwarded node (-1 = root): (tokens, logprobs).
     top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
     depth: list[int] = field(default_factory=list)
+    # Dynamic shapes: the verifier's pass cost and the rest of a round's time.
+    cost: CostCurve | None = None
+    overhead_s: float = 0.0
+    expected: float = 1.0  # tokens a round yields: the bonus plus each node's probability
+    stopped: bool = False  # a dynamic tree found no node worth its row
     _tick: int = 0
 
     @property
     def done(self) -> bool:
-        return len(self.tree) >= self.shape.budget or not self.pool
+        return len(self.tree) >= self.shape.budget or not self.pool or self.stopped
+
+    def _pays(self, logprob: float) -> bool:
+        if not self.shape.dynamic or self.cost is None or not len(self.tree):
+            return True  # a tree has at least one node
+        return worth_adding(math.exp(logprob), self.expected, len(self.tree) + 1, self.cost,
+                            self.overhead_s)
 
     def offer(self, node: int, logits: torch.Tensor) -> None:
         """Record `node`'s next-token distribution and push its best children as candidates."""
@@ -65,11 +78,18 @@ class Growth:
         room = self.shape.budget - len(self.tree)
         added = 0
         while self.pool and added < min(room, self.shape.max_width):
+            if not self._pays(-self.pool[0][0]):  # the best left does not pay: none does
+                self.stopped = True
+                break
             neg, _, parent, tok = heapq.heappop(self.pool)
             self.tree.add(parent, tok, -neg)
+            self.expected += math.exp(-neg)
             self.depth.append(0 if parent == -1 else self.depth[parent] + 1)
             added += 1
         return added
+
+
+BETS = 2  # verdicts a node bets on at once (`Drafter.bet`)
 
 
 class Drafter:
@@ -88,6 +108,10 @@ class Drafter:
         self.cache = DynamicCache()
         self.seq: list[int] = []  # tokens whose KV rows are in the cache, in order
         self.growth: Growth | None = None
+        # Dynamic shapes are sized against this (the verifier's advertised pass cost).
+        self.cost: CostCurve | None = None
+        self.overhead_s = 0.0  # a round's time besides the verify pass (network, waiting)
+        self.bets = BETS  # verdicts to bet on at once while a request is out
         # Shared with the drafters of bets, so wasted proactive work is counted too.
         self.counter = counter or ForwardCounter()
 
@@ -182,12 +206,17 @@ class Drafter:
 
         `cancel` stops the growth between batches, leaving a smaller but valid tree.
         """
-        root_logits = self._extend(sequence)
-        growth = Growth(self.shape, prefix_len=len(sequence))
-        growth.offer(-1, root_logits)
-        self.growth = growth
+        growth = self._begin(sequence)
         self._grow(growth, cancel)
         return growth.tree
+
+    def _begin(self, sequence: list[int]) -> Growth:
+        root_logits = self._extend(sequence)
+        growth = Growth(self.shape, prefix_len=len(sequence), cost=self.cost,
+                        overhead_s=self.overhead_s)
+        growth.offer(-1, root_logits)
+        self.growth = growth
+        return growth
 
     def commit(self, tree: TokenTree, accepted: list[int]) -> None:
         """Keep the committed prefix and the accepted nodes that already have KV rows."""
@@ -199,46 +228,65 @@ class Drafter:
         self.seq = self.seq + [tree.tokens[n] for n in kept]
         self.growth = None
 
-    def bet(self, tree: TokenTree, cancel: threading.Event | None = None) -> Bet | None:
+    def bet(self, tree: TokenTree, cancel: threading.Event | None = None) -> Bet | Bets | None:
         """Guess the verdict on `tree` and draft the next tree as if the guess were right.
 
-        The guess is the (leaf, token) with the highest draft probability of "the target
-        accepts the whole path to the leaf and then chooses token": for a chain, "all of it
-        is accepted". Runs on a copy of the cache, so a miss costs nothing but the work;
-        `cancel` stops the growth early, leaving a smaller but valid tree.
+        A verdict is an accepted path and the target's token after it. Each outcome's
+        probability is estimated from the draft model: the path's cumulative probability
+        times the token's probability after it, for tokens that are not children in the
+        tree (a child would have been accepted). The `self.bets` most likely outcomes get
+        a tree each, grown a draft pass at a time in turn, most likely first, so the
+        likeliest is furthest along when the verdict comes. Runs on copies of the cache,
+        so a miss costs nothing but the work; `cancel` stops the growth between passes,
+        leaving smaller but valid trees.
         """
         growth = self.growth
         assert growth is not None and growth.tree is tree
-        # Nodes added last have no distribution yet: forward them once.
-        if growth.forwarded < len(tree):
-            start, stop = growth.forwarded, len(tree)
-            logits = self._forward(
-                tree.tokens[start:stop],
-                tree_positions(tree.parents, growth.prefix_len, start, stop),
-                tree_mask(tree.parents, growth.prefix_len, start, stop, self.dtype),
-            )
-            growth.forwarded = stop
-            for row, node in enumerate(range(start, stop)):
-                vals, toks = torch.topk(torch.log_softmax(logits[row].float(), -1), 2)
-                growth.top[node] = (toks.tolist(), vals.tolist())
-        best: tuple[float, int, int] | None = None
-        for leaf in tree.leaves():
-            toks, vals = growth.top[leaf]
-            score = tree.logprobs[leaf] + vals[0]
-            if best is None or score > best[0]:
-                best = (score, leaf, toks[0])
-        if best is None:
+        self._forward_rest(growth)
+        outcomes = _outcomes(tree, growth, self.bets)
+        if not outcomes:
             return None
-        _, node, token = best
+        bets = [self._side(growth, node, token) for node, token in outcomes]
+        while not (cancel is not None and cancel.is_set()):
+            live = [b for b in bets if not b.drafter.growth.done]
+            if not live:
+                break
+            for b in live:
+                if cancel is not None and cancel.is_set():
+                    break
+                b.drafter._step(b.drafter.growth)
+        return bets[0] if len(bets) == 1 else Bets(bets)
+
+    def _forward_rest(self, growth: Growth) -> None:
+        """Nodes added last have no distribution yet: forward them once."""
+        tree = growth.tree
+        if growth.forwarded >= len(tree):
+            return
+        start, stop = growth.forwarded, len(tree)
+        logits = self._forward(
+            tree.tokens[start:stop],
+            tree_positions(tree.parents, growth.prefix_len, start, stop),
+            tree_mask(tree.parents, growth.prefix_len, start, stop, self.dtype),
+        )
+        growth.forwarded = stop
+        k = max(growth.shape.max_width + 1, 2)
+        for row, node in enumerate(range(start, stop)):
+            vals, toks = torch.topk(torch.log_softmax(logits[row].float(), -1), k)
+            growth.top[node] = (toks.tolist(), vals.tolist())
+
+    def _side(self, growth: Growth, node: int, token: int) -> Bet:
+        """A drafter for the outcome (accepted path to `node`, then `token`), its tree begun."""
+        tree = growth.tree
         path = tree.path(node)
         prefix = growth.prefix_len
         sequence = self.seq + [tree.tokens[n] for n in path] + [token]
         # The bet's cache: committed rows, the path's rows, then the guessed token.
         side = Drafter(self.model, self.shape, self.counter)
+        side.cost, side.overhead_s = self.cost, self.overhead_s
         side.cache = kvcache.copy_rows(self.cache, list(range(prefix)) + [prefix + n for n in path])
         side.seq = sequence[:-1]
-        next_tree = side.draft(sequence, cancel)
-        return Bet(node=node, path=path, token=token, drafter=side, tree=next_tree)
+        side._begin(sequence)
+        return Bet(node=node, path=path, token=token, drafter=side, tree=side.growth.tree)
 
     def prefill(self, sequence: list[int]) -> None:
         """Bring the draft model's cache to `sequence` (the next `draft` reuses it)."""
@@ -258,8 +306,11 @@ class Drafter:
         tree = self.draft([*sequence, token], cancel)
         return Bet(node=-1, path=[], token=token, drafter=self, tree=tree)
 
-    def adopt(self, bet: Bet) -> TokenTree:
+    def adopt(self, bet: Bet | Bets) -> TokenTree:
         """Take over a winning bet's cache and finish its tree if it was cut short."""
+        if isinstance(bet, Bets):
+            assert bet.winner is not None, "adopt a bet that hit"
+            bet = bet.winner
         side = bet.drafter
         assert side.growth is not None
         side._grow(side.growth, None)
@@ -286,3 +337,44 @@ class Bet:
         return accepted == self.path and bonus == self.token
 
 
+@dataclass
+class Bets:
+    """Several guesses at one verdict, most likely first; `hit` remembers the winner."""
+
+    bets: list[Bet]
+    winner: Bet | None = None
+
+    def hit(self, accepted: list[int], bonus: int) -> bool:
+        self.winner = next((b for b in self.bets if b.hit(accepted, bonus)), None)
+        return self.winner is not None
+
+
+def _outcomes(tree: TokenTree, growth: Growth, count: int) -> list[tuple[int, int]]:
+    """The verdicts (node, token) to bet on: the path to `node` (-1: none) is accepted,
+    then the target picks `token`, which is no child of `node`.
+
+    First the likeliest leaf with the draft's top token after it ("all of a path is
+    accepted"): a greedy target accepts a draft's top token far more often than the
+    draft's probability says, so this stays the first bet whatever the probabilities.
+    Then the rest by draft probability: the path's cumulative probability times the
+    token's after it (a rejection somewhere, or another token after the leaf).
+    """
+    children: dict[int, set[int]] = {}
+    for i, p in enumerate(tree.parents):
+        children.setdefault(p, set()).add(tree.tokens[i])
+    leaves = [n for n in tree.leaves() if n in growth.top]
+    first = max(((tree.logprobs[n] + growth.top[n][1][0], n, growth.top[n][0][0])
+                 for n in leaves), default=None)
+    scored = []
+    for node in [-1, *range(len(tree))]:
+        if node not in growth.top:
+            continue
+        base = 0.0 if node == -1 else tree.logprobs[node]
+        toks, vals = growth.top[node]
+        for tok, lp in zip(toks, vals, strict=True):
+            if tok not in children.get(node, ()):
+                scored.append((base + lp, node, tok))
+    scored.sort(key=lambda x: -x[0])
+    picked = [] if first is None else [(first[1], first[2])]
+    picked += [(node, tok) for _, node, tok in scored if (node, tok) not in picked]
+    return picked[:count]

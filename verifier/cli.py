@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the measured prefill speed); the node then tries another verifier "
                    "or comes back (default: %(default)s)")
     p.add_argument("--test-pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--no-cost-probe", action="store_true",
+                   help="skip measuring the pass cost by rows at start (a few seconds); nodes "
+                   "then size dynamic trees to their budget")
     p.add_argument("--no-standing", action="store_true",
                    help="serve requests first come, first served, whatever the node's standing "
                    "(by default, under load, nodes with earned credit go first and the last "
@@ -196,6 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = TargetEngine(model, prefill_chunk=min(args.prefill_chunk, args.max_batch_tokens),
                           store=store)
     engine.tree_slack = args.max_tree_tokens + 1
+    pass_costs = [] if args.no_cost_probe else _probe(engine, model, args)
     engine.extra_pass_seconds = args.test_pass_delay
     log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
              args.model, args.dtype, args.device, "reproduce" if engine.exact else
@@ -221,6 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         announce_file=args.announce_file,
         dht=not args.no_dht,
         reannounce_interval=args.reannounce,
+        pass_costs=pass_costs,
     )
     metrics = VerifierMetrics()
     if args.metrics_port is not None:
@@ -248,6 +253,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if ledger is not None:
             ledger.close()
+
+
+def _probe(engine: object, model: object, args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The engine's pass cost by rows up to the largest tree (plus its root), for nodes."""
+    from specedge.models import vocab_size
+    from specedge.verifier.costprobe import measure_pass_costs
+
+    costs = measure_pass_costs(engine, vocab_size(model), args.max_tree_tokens + 1)
+    log.info("pass cost by rows: %s", ", ".join(f"{r}: {us / 1000:.1f} ms" for r, us in costs))
+    return costs
 
 
 def kv_store(model: object, args: argparse.Namespace) -> object:
