@@ -3,7 +3,10 @@
 For K concurrent streams (1, 2, 4, 8; `--quick`: 1 and 4) over the committed prompt set:
 
 - autoregressive: the target decodes every stream on the server, batched;
-- server_only: draft and target both on the server, batched (`bench.serving`);
+- server_only: draft and target both on the server, batched (`bench.serving`), drafting
+  the same shape as SpecEdge's node (`--tree`);
+- assisted: transformers' `generate(assistant_model=...)` on the server cores, K=1 only
+  (it serves one stream): the speculative decoding a user would run instead;
 - specedge: a real `specedge-verifier` process on the server cores and a real
   `specedge-node join` process on the node cores, driven through the node's
   OpenAI-compatible API by K concurrent clients.
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
@@ -40,7 +43,8 @@ from specedge.demo import Processes, free_port
 from specedge.ledger.accounting import Prices
 from specedge.protocol.limits import BATCH_WAIT
 
-MODES = ("autoregressive", "server_only", "specedge")
+MODES = ("autoregressive", "server_only", "assisted", "specedge")
+PLOT_MODES = ("autoregressive", "server_only", "specedge")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -87,6 +91,7 @@ def run_server_mode(mode: str, k: int, args: argparse.Namespace, prompts_file: P
     argv = [sys.executable, "-m", "bench.serving", "--mode", mode, "--streams", str(k),
             "--target-model", args.target_model, "--draft-model", args.draft_model,
             "--dtype", args.dtype, "--device", args.device, "--chain", str(args.chain),
+            "--tree", args.tree,
             "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(prompts_file)]
     res = subprocess.run([*pinned(args.server_cores), *argv], capture_output=True, text=True,
                          cwd=REPO, env=thread_env(args.server_cores), timeout=args.timeout)
@@ -130,7 +135,7 @@ class Network:
             "--api", f"127.0.0.1:{self.api_port}", "--no-status",
             "--identity", str(self.workdir / "node.key"),
             "--ledger", str(self.workdir / "node-ledger.sqlite3"),
-            "--tree", f"chain:{a.chain}", "--announce-file", str(node_announce),
+            "--tree", a.tree, "--bets", str(a.bets), "--announce-file", str(node_announce),
             "--kv-disk-dir", str(self.workdir / "draft-kv"),
             *([] if self.reuse else ["--no-prefix-cache"]),
         ]
@@ -257,8 +262,28 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         if passes else None,
         # Engine held for due requests to join a pass (idle, not busy; see --batch-wait).
         "verifier_gather_s": round(d["specedge_gather_seconds_total"], 4),
+        "round_ms": round_breakdown(results.values()),
         "token_ids": {str(i): r["token_ids"] for i, r in results.items()},
     }
+
+
+def round_breakdown(results: Iterable[dict]) -> dict | None:
+    """Where a drafted round's time went, mean ms per round, from the node's own clocks:
+    drafting it waited for (critical), drafting a winning bet did meanwhile (hidden),
+    the verifier's compute (receipts), the rest of the round trip (network, the
+    verifier's queue and hold) and the node's own work between rounds (other)."""
+    rows = [r for r in results if r.get("round_time_s")]
+    rounds = sum(r["rounds"] for r in rows)
+    if not rounds:
+        return None
+    total = {key: sum(r["round_time_s"][key] for r in rows) for key in rows[0]["round_time_s"]}
+    wall = sum(r["wall_s"] for r in rows)
+    per = lambda s: round(s * 1000 / rounds, 2)  # noqa: E731
+    return {"rounds": rounds, "draft_critical": per(total["draft_critical"]),
+            "draft_hidden": per(total["draft_hidden"]), "verify": per(total["verify"]),
+            "network_and_queue": per(total["round_trip"] - total["verify"]),
+            "other": per(wall - total["round_trip"] - total["draft_critical"]),
+            "round": per(wall)}
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -377,7 +402,7 @@ def plot(report: dict, path: Path) -> None:
                                  "inter-token latency p50 (ms)", "cost ($ / 1M tokens)"],
                                 strict=True):
         width = 0.27
-        for j, mode in enumerate(MODES):
+        for j, mode in enumerate(PLOT_MODES):
             rows = report["modes"].get(mode, {})
             vals = [rows.get(str(k), {}).get(field) or 0 for k in ks]
             ax.bar([i + (j - 1) * width for i in range(len(ks))], vals, width, label=mode)
@@ -414,7 +439,11 @@ def print_table(report: dict) -> None:
     console = Console(width=max(Console().width, 150))
     console.print(table)
     for name, per_k in report["ratios"].items():
-        console.print(f"{name}: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in per_k.items()))
+        console.print(f"{name}: " + ", ".join(f"{k if name.endswith('_k1') else f'K={k}'}: "
+                                              f"{v:.2f}x" for k, v in per_k.items()))
+    for k, r in sorted(report["modes"].get("specedge", {}).items(), key=lambda x: int(x[0])):
+        if r.get("round_ms"):
+            console.print(f"specedge K={k}: a round's time, mean ms: {r['round_ms']}")
     console.print(f"outputs equal to autoregressive: {report['outputs_equal_to_autoregressive']}")
     for k, r in sorted(report["modes"].get("specedge", {}).items(), key=lambda x: int(x[0])):
         if r.get("open_wait_ms"):
@@ -455,6 +484,12 @@ def ratios(modes: dict) -> dict:
         if other and other.get("ttft_ms_p50") and row.get("ttft_ms_p50"):
             ttft[k] = round(row["ttft_ms_p50"] / other["ttft_ms_p50"], 3)
     out["ttft_vs_autoregressive"] = ttft
+    # Single stream against the user's alternative: tokens per wall second and ITL.
+    row, other = spec.get("1"), modes.get("assisted", {}).get("1")
+    if row and other and other.get("throughput_tps") and other.get("itl_ms_p50"):
+        out["specedge_vs_assisted_k1"] = {
+            "tokens_per_s": round(row["throughput_tps"] / other["throughput_tps"], 3),
+            "itl": round(row["itl_ms_p50"] / other["itl_ms_p50"], 3)}
     return out
 
 
@@ -470,6 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (for every process)")
     ap.add_argument("--chain", type=int, default=4, help="draft chain length (default 4)")
+    ap.add_argument("--tree", default=None, metavar="SHAPE",
+                    help="draft shape for SpecEdge and server-only alike: chain:N, "
+                    "tree:BUDGET,DEPTH,WIDTH or dynamic:BUDGET[,WIDTH] (default: chain:--chain)")
+    ap.add_argument("--bets", type=int, default=2, metavar="N",
+                    help="the node's proactive bets per round (specedge-node --bets)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: the draft shapes side by side in one process (accepted "
+                    "tokens per round, verify pass and drafting cost, server throughput; "
+                    "bench/trees.py), and the best one")
+    ap.add_argument("--shapes", default=None,
+                    help="--sweep: comma-free list separated by spaces, e.g. 'chain:4 "
+                    "tree:16,6,4 dynamic:32' (default: bench/trees.py's list)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--server-cores", type=parse_cores, default=None,
                     help="cores for server work, e.g. 0 or 0-7 (default: first half)")
@@ -493,7 +540,7 @@ def new_report(args: argparse.Namespace, ks: list[int], prompts: list, ids: list
     return {
         "machine": machine(),
         "config": {"draft_model": args.draft_model, "target_model": args.target_model,
-                   "dtype": args.dtype, "tree": f"chain:{args.chain}",
+                   "dtype": args.dtype, "tree": args.tree, "bets": args.bets,
                    "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
                    "prompt_kinds": sorted({k for k, _ in prompts}),
                    "server_cores": args.server_cores, "node_cores": args.node_cores,
@@ -509,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     half = max(len(cores) // 2, 1)
     args.server_cores = args.server_cores or cores[:half]
     args.node_cores = args.node_cores or (cores[half:] or cores[:1])
+    args.tree = tree_spec(args)
+    if args.sweep:
+        from bench.trees import sweep_main
+
+        return sweep_main(args)
     if args.multi_turn:
         return multi_turn(args)
     ks = [int(x) for x in (args.streams or ("1,4" if args.quick else "1,2,4,8")).split(",")]
@@ -531,10 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         prompts_file = work / "prompts.json"
         prompts_file.write_text(json.dumps(ids))
-        for mode in ("autoregressive", "server_only"):
+        for mode in ("autoregressive", "server_only", "assisted"):
             if mode not in modes_wanted:
                 continue
-            for k in ks:
+            for k in ks if mode != "assisted" else [k for k in ks if k == 1]:
                 measure(report, mode, k,
                         lambda mode=mode, k=k: server_row(mode, k, args, prompts_file, prices,
                                                           samples), args, ids, samples)
@@ -551,6 +603,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def tree_spec(args: argparse.Namespace) -> str:
+    """The draft shape as text (`--tree`, else a chain of `--chain`); refuses a bad one."""
+    from specedge.trees import TreeShape
+
+    try:
+        shape = TreeShape.parse(args.tree or f"chain:{args.chain}")
+    except ValueError as exc:
+        raise SystemExit(f"specedge bench: {exc}") from None
+    args.chain = shape.budget  # tokens per tree, for the calibration
+    return shape.spec()
+
+
 def multi_turn(args: argparse.Namespace) -> int:
     """`--multi-turn`: see bench/multiturn.py. Writes --json, prints the table."""
     from bench.multiturn import print_report, run_multiturn
@@ -561,7 +625,7 @@ def multi_turn(args: argparse.Namespace) -> int:
         report = run_multiturn(args, Network, Path(tmp))
     report["machine"] = machine()
     report["config"] = {"draft_model": args.draft_model, "target_model": args.target_model,
-                        "dtype": args.dtype, "tree": f"chain:{args.chain}"}
+                        "dtype": args.dtype, "tree": args.tree}
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
@@ -574,6 +638,9 @@ def server_row(mode: str, k: int, args: argparse.Namespace, prompts_file: Path, 
     row = run_server_mode(mode, k, args, prompts_file)
     row["cost_per_1m_tokens_usd"] = cost_per_million(row["server_busy_s"], 0.0, row["tokens"],
                                                      prices)
+    if mode == "assisted":  # no passes of its own to calibrate from
+        row.pop("verify_samples")
+        return row
     key, col = ("verify_ms", "batch_tokens") if mode == "server_only" else ("ar_step_ms", "batch")
     for rows, ms in row.pop("verify_samples"):
         samples[key][col].append(rows)

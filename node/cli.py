@@ -57,6 +57,9 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                    "retry-after (default: %(default)s)")
     p.add_argument("--no-proactive", action="store_true",
                    help="do not draft the next tree while a verification is in flight")
+    p.add_argument("--bets", type=int, default=2, metavar="N",
+                   help="while a verification is in flight, draft the next tree for each of "
+                   "the N likeliest verdicts (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: progress, -vv: debug, -vvv: libp2p's own logs")
 
@@ -101,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_network_args(join)
     add_model_args(join)
     join.add_argument("--tree", type=tree_shape, default=TreeShape.chain(4), metavar="SHAPE",
-                      help="draft shape: chain:N or tree:BUDGET,DEPTH,WIDTH (default: chain:4)")
+                      help="draft shape: chain:N, tree:BUDGET,DEPTH,WIDTH or "
+                      "dynamic:BUDGET[,WIDTH] "
+                      "(grown while a node's draft probability pays for its row at the "
+                      "verifier's advertised pass cost; default: chain:4)")
     join.add_argument("--api", default=DEFAULT_API, metavar="HOST:PORT",
                       help="where to serve the API (default: %(default)s; port 0 picks one)")
     join.add_argument("--model-name", help="the model name API clients use (default: the "
@@ -225,7 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
             async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book:
                 edge = Edge(models, pool, book=book, shape=args.tree,
-                            proactive=not args.no_proactive)
+                            proactive=not args.no_proactive, bets=args.bets)
                 gen = await edge.generate(prompt, args.max_new_tokens, params,
                                           on_tokens=None if args.json else show, on_event=tell)
             if args.json:
@@ -274,7 +280,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 models = await _models_and_first_look(args, pool)
                 async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book:
                     edge = Edge(models, pool, book=book, shape=args.tree,
-                                proactive=not args.no_proactive)
+                                proactive=not args.no_proactive, bets=args.bets)
                     app = create_app(edge, args.model_name)
                     async with trio.open_nursery() as side:
                         side.start_soon(pool.keep_fresh)

@@ -36,7 +36,7 @@ import trio
 from transformers import PreTrainedModel
 
 from specedge.costs import CostCurve
-from specedge.drafter import Bet, Bets, Drafter
+from specedge.drafter import BETS, Bet, Bets, Drafter
 from specedge.engine import GREEDY, GenerationStats, Output
 from specedge.kvblocks import BlockStore
 from specedge.models import vocab_size
@@ -159,6 +159,7 @@ async def generate(
     params: SamplingParams = GREEDY,
     shape: TreeShape = DEFAULT_SHAPE,
     proactive: bool = True,
+    bets: int = BETS,
     eos_ids: Sequence[int] = (),
     on_tokens: OnTokens | None = None,
     on_event: OnEvent | None = None,
@@ -181,7 +182,9 @@ async def generate(
     params.check()
     if not prompt_ids:
         raise ValueError("a generation needs at least one prompt token")
-    run = _Run(Drafter(draft_model, shape, store=store), vocab_size(draft_model), prompt_ids,
+    drafter = Drafter(draft_model, shape, store=store)
+    drafter.bets = bets
+    run = _Run(drafter, vocab_size(draft_model), prompt_ids,
                max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
                on_event, book, max_failovers, stop)
     try:

@@ -23,29 +23,66 @@ from specedge.kvblocks import BlockStore, block_hashes
 from specedge.trees import TokenTree, TreeShape, tree_mask, tree_positions
 
 
+class Acceptance:
+    """How often the target accepted draft tokens, by their rank among their siblings and
+    their draft probability (tenths), measured over a generation's rounds.
+
+    A dynamic tree needs each node's chance of acceptance, and a draft model's own
+    probability is a poor one for a greedy target: its top token is accepted far more
+    often than its probability says, its second one far less. Starting from the draft
+    probability (weight PRIOR), each verdict moves the estimate towards what happened.
+    """
+
+    PRIOR = 2.0
+
+    def __init__(self) -> None:
+        self.hits: dict[tuple[int, int], float] = {}
+        self.seen: dict[tuple[int, int], float] = {}
+
+    @staticmethod
+    def _key(rank: int, p: float) -> tuple[int, int]:
+        return min(rank, 2), min(int(p * 10), 9)
+
+    def estimate(self, rank: int, p: float) -> float:
+        k = self._key(rank, p)
+        return (self.hits.get(k, 0.0) + self.PRIOR * p) / (self.seen.get(k, 0.0) + self.PRIOR)
+
+    def record(self, rank: int, p: float, accepted: bool) -> None:
+        k = self._key(rank, p)
+        self.hits[k] = self.hits.get(k, 0.0) + accepted
+        self.seen[k] = self.seen.get(k, 0.0) + 1
+
+
 @dataclass
 class Growth:
-    """A tree being grown best-first by cumulative log-probability, one batch per step.
+    """A tree being grown best-first, one batch per step.
 
     Each step adds up to `max_width` of the best candidates whose parent is already in the
     tree, then forwards them (one draft pass) to collect their own candidate children.
     The result obeys the budget, the depth limit and the width limit; with width 1 it is
-    a greedy chain.
+    a greedy chain. Best: the highest cumulative draft probability; for a dynamic shape,
+    the highest estimated chance that the whole path is accepted (`Acceptance`), and the
+    growth stops when the best candidate does not pay for its row (`worth_adding`).
     """
 
     shape: TreeShape
     prefix_len: int
     tree: TokenTree = field(default_factory=TokenTree)
-    # (-cumulative logprob, tie-break, parent, token)
-    pool: list[tuple[float, int, int, int]] = field(default_factory=list)
+    # (sort key, tie-break, parent, token, rank among siblings, draft logprob given parent)
+    pool: list[tuple[float, int, int, int, int, float]] = field(default_factory=list)
     forwarded: int = 0  # nodes 0..forwarded-1 have KV rows in the cache
     # Top next-token candidates for every forwarded node (-1 = root): (tokens, logprobs).
     top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
     depth: list[int] = field(default_factory=list)
-    # Dynamic shapes: the verifier's pass cost and the rest of a round's time.
+    # Per node: rank among siblings and draft probability given the parent (for learning).
+    rank: list[int] = field(default_factory=list)
+    cond_p: list[float] = field(default_factory=list)
+    # Dynamic shapes: the verifier's pass cost, the rest of a round's time, the estimates.
     cost: CostCurve | None = None
     overhead_s: float = 0.0
-    expected: float = 1.0  # tokens a round yields: the bonus plus each node's probability
+    acceptance: Acceptance | None = None
+    reach: list[float] = field(default_factory=list)  # estimated P(path accepted) per node
+    expected: float = 1.0  # tokens a round yields: the bonus plus each node's reach
     stopped: bool = False  # a dynamic tree found no node worth its row
     _tick: int = 0
 
@@ -53,11 +90,14 @@ class Growth:
     def done(self) -> bool:
         return len(self.tree) >= self.shape.budget or not self.pool or self.stopped
 
-    def _pays(self, logprob: float) -> bool:
+    def _reach(self, parent: int, rank: int, lp: float) -> float:
+        est = self.acceptance.estimate(rank, math.exp(lp)) if self.acceptance else math.exp(lp)
+        return (1.0 if parent == -1 else self.reach[parent]) * est
+
+    def _pays(self, reach: float) -> bool:
         if not self.shape.dynamic or self.cost is None or not len(self.tree):
             return True  # a tree has at least one node
-        return worth_adding(math.exp(logprob), self.expected, len(self.tree) + 1, self.cost,
-                            self.overhead_s)
+        return worth_adding(reach, self.expected, len(self.tree) + 1, self.cost, self.overhead_s)
 
     def offer(self, node: int, logits: torch.Tensor) -> None:
         """Record `node`'s next-token distribution and push its best children as candidates."""
@@ -69,24 +109,45 @@ class Growth:
         if node_depth + 1 >= self.shape.max_depth:
             return
         base = 0.0 if node == -1 else self.tree.logprobs[node]
-        for tok, lp in zip(toks.tolist()[: self.shape.max_width], vals.tolist(), strict=False):
+        pairs = zip(toks.tolist()[: self.shape.max_width], vals.tolist(), strict=False)
+        for rank, (tok, lp) in enumerate(pairs):
             self._tick += 1
-            heapq.heappush(self.pool, (-(base + lp), self._tick, node, tok))
+            key = -math.log(max(self._reach(node, rank, lp), 1e-30)) if self.shape.dynamic \
+                else -(base + lp)
+            heapq.heappush(self.pool, (key, self._tick, node, tok, rank, lp))
 
     def select(self) -> int:
         """Move up to max_width best candidates into the tree; return how many."""
         room = self.shape.budget - len(self.tree)
         added = 0
         while self.pool and added < min(room, self.shape.max_width):
-            if not self._pays(-self.pool[0][0]):  # the best left does not pay: none does
-                self.stopped = True
+            _, _, parent, tok, rank, lp = self.pool[0]
+            reach = self._reach(parent, rank, lp)
+            if not self._pays(reach):  # the best left does not pay: none does now
+                # Nodes added in this step may still have children that pay (they get
+                # their candidates once forwarded); without any, the tree is done.
+                self.stopped = added == 0
                 break
-            neg, _, parent, tok = heapq.heappop(self.pool)
-            self.tree.add(parent, tok, -neg)
-            self.expected += math.exp(-neg)
+            heapq.heappop(self.pool)
+            base = 0.0 if parent == -1 else self.tree.logprobs[parent]
+            self.tree.add(parent, tok, base + lp)
+            self.reach.append(reach)
+            self.rank.append(rank)
+            self.cond_p.append(math.exp(lp))
+            self.expected += reach
             self.depth.append(0 if parent == -1 else self.depth[parent] + 1)
             added += 1
         return added
+
+    def learn(self, accepted: list[int]) -> None:
+        """Tell the estimates what the target did with each node it could have accepted
+        (those whose parent it accepted)."""
+        if self.acceptance is None:
+            return
+        kept = {-1, *accepted}
+        for n, parent in enumerate(self.tree.parents):
+            if parent in kept:
+                self.acceptance.record(self.rank[n], self.cond_p[n], n in kept)
 
 
 BETS = 2  # verdicts a node bets on at once (`Drafter.bet`)
@@ -112,6 +173,7 @@ class Drafter:
         self.cost: CostCurve | None = None
         self.overhead_s = 0.0  # a round's time besides the verify pass (network, waiting)
         self.bets = BETS  # verdicts to bet on at once while a request is out
+        self.acceptance = Acceptance()  # shared with the bets' drafters
         # Shared with the drafters of bets, so wasted proactive work is counted too.
         self.counter = counter or ForwardCounter()
 
@@ -213,7 +275,7 @@ class Drafter:
     def _begin(self, sequence: list[int]) -> Growth:
         root_logits = self._extend(sequence)
         growth = Growth(self.shape, prefix_len=len(sequence), cost=self.cost,
-                        overhead_s=self.overhead_s)
+                        overhead_s=self.overhead_s, acceptance=self.acceptance)
         growth.offer(-1, root_logits)
         self.growth = growth
         return growth
@@ -222,6 +284,7 @@ class Drafter:
         """Keep the committed prefix and the accepted nodes that already have KV rows."""
         growth = self.growth
         assert growth is not None and growth.tree is tree, "commit the tree last drafted"
+        growth.learn(accepted)
         base = growth.prefix_len
         kept = [n for n in accepted if n < growth.forwarded]
         kvcache.keep_rows(self.cache, list(range(base)) + [base + n for n in kept])
@@ -283,6 +346,7 @@ class Drafter:
         # The bet's cache: committed rows, the path's rows, then the guessed token.
         side = Drafter(self.model, self.shape, self.counter)
         side.cost, side.overhead_s = self.cost, self.overhead_s
+        side.acceptance = self.acceptance
         side.cache = kvcache.copy_rows(self.cache, list(range(prefix)) + [prefix + n for n in path])
         side.seq = sequence[:-1]
         side._begin(sequence)
@@ -311,6 +375,8 @@ class Drafter:
         if isinstance(bet, Bets):
             assert bet.winner is not None, "adopt a bet that hit"
             bet = bet.winner
+        if self.growth is not None and bet.drafter is not self:  # the verdict it bet on
+            self.growth.learn(bet.path)
         side = bet.drafter
         assert side.growth is not None
         side._grow(side.growth, None)
@@ -353,28 +419,32 @@ def _outcomes(tree: TokenTree, growth: Growth, count: int) -> list[tuple[int, in
     """The verdicts (node, token) to bet on: the path to `node` (-1: none) is accepted,
     then the target picks `token`, which is no child of `node`.
 
-    First the likeliest leaf with the draft's top token after it ("all of a path is
-    accepted"): a greedy target accepts a draft's top token far more often than the
-    draft's probability says, so this stays the first bet whatever the probabilities.
-    Then the rest by draft probability: the path's cumulative probability times the
-    token's after it (a rejection somewhere, or another token after the leaf).
+    The odds of each come from the measured acceptance (`Acceptance`): the path is
+    accepted (the node's reach), none of its children is, and the target's token is
+    this one. First the best leaf with its top token ("a whole path is accepted", the
+    likeliest outcome whenever the draft is any good), then the rest by their odds.
     """
-    children: dict[int, set[int]] = {}
+    est = growth.acceptance.estimate if growth.acceptance else (lambda rank, p: p)
+    kids: dict[int, list[int]] = {}
     for i, p in enumerate(tree.parents):
-        children.setdefault(p, set()).add(tree.tokens[i])
-    leaves = [n for n in tree.leaves() if n in growth.top]
-    first = max(((tree.logprobs[n] + growth.top[n][1][0], n, growth.top[n][0][0])
-                 for n in leaves), default=None)
+        kids.setdefault(p, []).append(i)
     scored = []
     for node in [-1, *range(len(tree))]:
         if node not in growth.top:
             continue
-        base = 0.0 if node == -1 else tree.logprobs[node]
+        reach = 1.0 if node == -1 else growth.reach[node]
+        if reach <= 0.0:
+            continue
+        below = kids.get(node, [])
+        stay = max(1.0 - sum(growth.reach[c] for c in below) / reach, 0.0)
+        taken = {tree.tokens[c] for c in below}
         toks, vals = growth.top[node]
-        for tok, lp in zip(toks, vals, strict=True):
-            if tok not in children.get(node, ()):
-                scored.append((base + lp, node, tok))
+        for rank, (tok, lp) in enumerate(zip(toks, vals, strict=True)):
+            if tok not in taken:
+                scored.append((reach * stay * est(rank, math.exp(lp)), node, tok, rank))
     scored.sort(key=lambda x: -x[0])
-    picked = [] if first is None else [(first[1], first[2])]
-    picked += [(node, tok) for _, node, tok in scored if (node, tok) not in picked]
+    leaves = set(tree.leaves())
+    first = next(((n, t) for _, n, t, rank in scored if n in leaves and rank == 0), None)
+    picked = [] if first is None else [first]
+    picked += [(n, t) for _, n, t, _ in scored if (n, t) != first]
     return picked[:count]
