@@ -307,7 +307,7 @@ def machine() -> dict:
 def agreement(modes: dict[str, dict[str, dict]]) -> dict[str, str]:
     """How many prompts each mode answered exactly as autoregressive did (per K)."""
     out = {}
-    for mode in ("server_only", "specedge"):
+    for mode in ("server_only", "assisted", "specedge"):
         for k, row in modes.get(mode, {}).items():
             ref = modes.get("autoregressive", {}).get(k, {}).get("token_ids", {})
             ids = row.get("token_ids", {})
@@ -323,7 +323,7 @@ def divergences(modes: dict[str, dict[str, dict]]) -> dict[str, list[dict]]:
     bf16, batched kernels of different shapes round differently, and a near-tie between
     the top two logits can flip; float32 outputs are equal (the test suite proves it)."""
     out: dict[str, list[dict]] = {}
-    for mode in ("server_only", "specedge"):
+    for mode in ("server_only", "assisted", "specedge"):
         for k, row in modes.get(mode, {}).items():
             ref = modes.get("autoregressive", {}).get(k, {}).get("token_ids", {})
             found = []
