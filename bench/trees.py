@@ -125,6 +125,7 @@ def sweep(args: argparse.Namespace) -> dict:
     for shape in shapes:
         print(f"sweep {shape} ...", flush=True)
         rows.append(run_shape(shape, draft, engine, prompts, args.max_new_tokens, stop, cost))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "outputs"}), flush=True)
     ref = rows[0]["outputs"]
     for r in rows:
         same = sum(a == b for a, b in zip(r.pop("outputs"), ref, strict=True))
