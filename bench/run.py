@@ -498,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one prompt per kind, K = 1 and 4")
     ap.add_argument("--streams", default=None, help="comma-separated K values (default 1,2,4,8)")
+    ap.add_argument("--prompts", type=int, default=None, metavar="N",
+                    help="only the first N prompts of the set (a quicker run)")
     ap.add_argument("--json", type=Path, help="write the full report here")
     ap.add_argument("--plot", type=Path, help="write a PNG of the main figures here")
     ap.add_argument("--target-model", default="qwen2.5-coder-1.5b")
@@ -572,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing {args.target_model} / {args.draft_model} ...", file=sys.stderr)
     _, tok = load_model(args.draft_model, dtype=getattr(__import__("torch"), args.dtype))
     load_model(args.target_model, dtype=getattr(__import__("torch"), args.dtype))
-    prompts = prompt_set(args.quick)
+    prompts = prompt_set(args.quick)[: args.prompts]
     messages = [m for _, m in prompts]
     ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)["input_ids"]) for m in messages]

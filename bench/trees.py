@@ -115,8 +115,7 @@ def sweep(args: argparse.Namespace) -> dict:
     prompts = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"])
                for _, m in prompt_set(args.quick)]
-    if args.quick:
-        prompts = prompts[:3]
+    prompts = prompts[: args.prompts or (3 if args.quick else None)]
     shapes = args.shapes.split() if args.shapes else list(SHAPES)
     top = max(TreeShape.parse(s).budget for s in shapes) + 1
     points = measure_pass_costs(engine, vocab_size(target), top)

@@ -16,7 +16,8 @@ from specedge.verifier.engine import TargetEngine
 def test_sweep_measures_each_shape_and_names_the_best():
     args = argparse.Namespace(target_model="tiny-test", draft_model="tiny-test-draft",
                               dtype="float32", device="cpu", quick=True, max_new_tokens=12,
-                              shapes="chain:4 tree:8,4,2 dynamic:16", server_cores=[0])
+                              shapes="chain:4 tree:8,4,2 dynamic:16", server_cores=[0],
+                              prompts=None)
     import os
 
     cores = os.sched_getaffinity(0)
