@@ -42,6 +42,7 @@ from bench.prompts import prompt_set
 from specedge.demo import Processes, free_port
 from specedge.ledger.accounting import Prices
 from specedge.protocol.limits import BATCH_WAIT
+from specedge.trees import DEFAULT_TREE
 
 MODES = ("autoregressive", "server_only", "assisted", "specedge")
 PLOT_MODES = ("autoregressive", "server_only", "specedge")
@@ -506,10 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (for every process)")
-    ap.add_argument("--chain", type=int, default=4, help="draft chain length (default 4)")
+    ap.add_argument("--chain", type=int, default=None,
+                    help="draft chain length (short for --tree chain:N)")
     ap.add_argument("--tree", default=None, metavar="SHAPE",
                     help="draft shape for SpecEdge and server-only alike: chain:N, "
-                    "tree:BUDGET,DEPTH,WIDTH or dynamic:BUDGET[,WIDTH] (default: chain:--chain)")
+                    "tree:BUDGET,DEPTH,WIDTH or dynamic:BUDGET[,WIDTH] (default: the node's, "
+                    f"{DEFAULT_TREE})")
     ap.add_argument("--bets", type=int, default=2, metavar="N",
                     help="the node's proactive bets per round (specedge-node --bets)")
     ap.add_argument("--sweep", action="store_true",
@@ -610,7 +613,8 @@ def tree_spec(args: argparse.Namespace) -> str:
     from specedge.trees import TreeShape
 
     try:
-        shape = TreeShape.parse(args.tree or f"chain:{args.chain}")
+        shape = TreeShape.parse(args.tree or (f"chain:{args.chain}" if args.chain
+                                              else DEFAULT_TREE))
     except ValueError as exc:
         raise SystemExit(f"specedge bench: {exc}") from None
     args.chain = shape.budget  # tokens per tree, for the calibration

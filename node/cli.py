@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 from specedge.cli import DTYPES, add_sampling_args, torch_dtype, tree_shape
-from specedge.trees import TreeShape
+from specedge.trees import DEFAULT_TREE, TreeShape
 
 if TYPE_CHECKING:  # the real imports are deferred: they cost seconds
     from libp2p.crypto.keys import KeyPair
@@ -103,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "OpenAI-compatible API")
     add_network_args(join)
     add_model_args(join)
-    join.add_argument("--tree", type=tree_shape, default=TreeShape.chain(4), metavar="SHAPE",
+    join.add_argument("--tree", type=tree_shape, default=TreeShape.parse(DEFAULT_TREE),
+                      metavar="SHAPE",
                       help="draft shape: chain:N, tree:BUDGET,DEPTH,WIDTH or "
                       "dynamic:BUDGET[,WIDTH] "
                       "(grown while a node's draft probability pays for its row at the "
-                      "verifier's advertised pass cost; default: chain:4)")
+                      f"verifier's advertised pass cost; default: {DEFAULT_TREE})")
     join.add_argument("--api", default=DEFAULT_API, metavar="HOST:PORT",
                       help="where to serve the API (default: %(default)s; port 0 picks one)")
     join.add_argument("--model-name", help="the model name API clients use (default: the "

@@ -45,14 +45,14 @@ from specedge.node.errors import NodeError, NoVerifierError, VocabularyMismatch
 from specedge.node.receipts import KeptReceipt, ReceiptBook
 from specedge.protocol.errors import ProtocolError
 from specedge.sampling import SamplingParams
-from specedge.trees import TokenTree, TreeShape
+from specedge.trees import DEFAULT_TREE, TokenTree, TreeShape
 
 log = logging.getLogger("specedge.node")
 __all__ = ["NodeError", "NoVerifierError", "VocabularyMismatch", "generate"]
 
 OnTokens = Callable[[list[int]], None]
 OnEvent = Callable[[str, dict], None]
-DEFAULT_SHAPE = TreeShape.chain(4)
+DEFAULT_SHAPE = TreeShape.parse(DEFAULT_TREE)
 MAX_FAILOVERS = 8
 
 

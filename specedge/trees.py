@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The shape nodes draft by default: the best of `specedge bench --sweep` on the demo pair
+# (README, "Trees, bets and the user's alternative").
+DEFAULT_TREE = "chain:6"
 DYNAMIC_WIDTH = 4  # dynamic trees: children per node, and nodes added per draft pass
 DYNAMIC_DEPTH = 12
 

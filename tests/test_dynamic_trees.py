@@ -83,8 +83,8 @@ def test_dynamic_greedy_equals_target_only(tiny_pair, tiny_prompts, references, 
                                            cost):
     target, tok = tiny_pair[1], tiny_pair[2]
     shape = TreeShape.parse("dynamic:24")
-    for i, prompt in enumerate(tiny_prompts[:5]):
-        n = 10 + 7 * i
+    for i, prompt in enumerate(tiny_prompts[:4]):
+        n = 10 + 9 * i
         gen = speculative_generate(drafts[noise], target, prompt, n, shape=shape, cost=cost,
                                    eos_ids=[tok.eos_token_id], bets=1 + i % 3)
         assert gen.token_ids == references[i][:n], f"prompt {i}"
