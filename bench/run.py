@@ -272,7 +272,9 @@ def round_breakdown(results: Iterable[dict]) -> dict | None:
     """Where a drafted round's time went, mean ms per round, from the node's own clocks:
     drafting it waited for (critical), drafting a winning bet did meanwhile (hidden),
     the verifier's compute (receipts), the rest of the round trip (network, the
-    verifier's queue and hold) and the node's own work between rounds (other)."""
+    verifier's queue and hold), waiting with the verdict in hand for the bet's draft pass
+    to stop (bet_wait), and the rest: the first token's prefill and session opening, and
+    the node's own work between rounds (other)."""
     rows = [r for r in results if r.get("round_time_s")]
     rounds = sum(r["rounds"] for r in rows)
     if not rounds:
@@ -283,7 +285,9 @@ def round_breakdown(results: Iterable[dict]) -> dict | None:
     return {"rounds": rounds, "draft_critical": per(total["draft_critical"]),
             "draft_hidden": per(total["draft_hidden"]), "verify": per(total["verify"]),
             "network_and_queue": per(total["round_trip"] - total["verify"]),
-            "other": per(wall - total["round_trip"] - total["draft_critical"]),
+            "bet_wait": per(total.get("bet_wait", 0.0)),
+            "other": per(wall - total["round_trip"] - total["draft_critical"]
+                         - total.get("bet_wait", 0.0)),
             "round": per(wall)}
 
 

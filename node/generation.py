@@ -91,6 +91,7 @@ class NodeStats(GenerationStats):
     draft_hidden_s: float = 0.0
     round_trip_s: float = 0.0
     verify_s: float = 0.0
+    bet_wait_s: float = 0.0  # verdict in hand, waiting for the bet thread to stop
 
 
 @dataclass
@@ -318,9 +319,16 @@ class _Run:
             self.stats.draft_critical_s += self.tree_draft_s
         tree = self.tree
         n = min(len(tree), session.max_tree_tokens)
+        arrived: list[float] = []
+
+        def take(result: RoundResult) -> None:
+            arrived.append(time.perf_counter())
+            self._take(result, tree, n, session.verifier)
+
         result, failure, bet, bet_s = await _round(
-            session, self._bettor(tree), tree, n, self.tree_proactive, self.tree_draft_s,
-            lambda result: self._take(result, tree, n, session.verifier))
+            session, self._bettor(tree), tree, n, self.tree_proactive, self.tree_draft_s, take)
+        if arrived and len(tree):
+            self.stats.bet_wait_s += time.perf_counter() - arrived[0]
         if failure is not None:
             await self._failover(failure)
             return True  # the same tree goes to the next verifier

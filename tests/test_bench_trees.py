@@ -68,11 +68,12 @@ def test_server_only_trees_and_assisted_equal_autoregressive(tiny_pair, tiny_pro
 
 def test_round_breakdown_and_the_assisted_ratio():
     results = [{"rounds": 10, "wall_s": 3.0, "round_time_s": {
-        "draft_critical": 0.5, "draft_hidden": 0.8, "round_trip": 2.0, "verify": 1.5}},
+        "draft_critical": 0.5, "draft_hidden": 0.8, "round_trip": 2.0, "verify": 1.5,
+        "bet_wait": 0.2}},
         {"rounds": 0, "wall_s": 0.1, "round_time_s": None}]
     b = round_breakdown(results)
     assert b == {"rounds": 10, "draft_critical": 50.0, "draft_hidden": 80.0, "verify": 150.0,
-                 "network_and_queue": 50.0, "other": 50.0, "round": 300.0}
+                 "network_and_queue": 50.0, "bet_wait": 20.0, "other": 30.0, "round": 300.0}
     assert round_breakdown([]) is None
     modes = {"specedge": {"1": {"throughput_tps": 6.0, "itl_ms_p50": 80.0}},
              "assisted": {"1": {"throughput_tps": 3.0, "itl_ms_p50": 100.0}}}

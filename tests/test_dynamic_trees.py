@@ -159,4 +159,5 @@ def test_node_sizes_dynamic_trees_by_the_verifiers_curve(tiny_pair, tiny_prompts
     s = gen.stats
     # Where the rounds' time went: every figure measured, verify inside the round trip.
     assert s.round_trip_s > s.verify_s > 0 and s.draft_critical_s > 0
-    assert s.draft_critical_s + s.round_trip_s < s.wall_s
+    assert s.bet_wait_s >= 0
+    assert s.draft_critical_s + s.round_trip_s + s.bet_wait_s < s.wall_s
