@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from bench.run import ratios, round_breakdown
 from bench.serving import Totals, assisted, autoregressive, server_only_trees
 from bench.trees import best_shape, sweep
@@ -13,6 +15,7 @@ from specedge.trees import TreeShape
 from specedge.verifier.engine import TargetEngine
 
 
+@pytest.mark.slow
 def test_sweep_measures_each_shape_and_names_the_best():
     args = argparse.Namespace(target_model="tiny-test", draft_model="tiny-test-draft",
                               dtype="float32", device="cpu", quick=True, max_new_tokens=12,
@@ -45,6 +48,7 @@ def test_best_shape_trades_throughput_for_pace():
     assert best_shape(rows) == "b"  # c serves more but doubles the time per token
 
 
+@pytest.mark.slow
 def test_server_only_trees_and_assisted_equal_autoregressive(tiny_pair, tiny_prompts):
     draft, target, tok = tiny_pair
     stop = {tok.eos_token_id}
