@@ -3,7 +3,10 @@
 For K concurrent streams (1, 2, 4, 8; `--quick`: 1 and 4) over the committed prompt set:
 
 - autoregressive: the target decodes every stream on the server, batched;
-- server_only: draft and target both on the server, batched (`bench.serving`);
+- server_only: draft and target both on the server, batched (`bench.serving`), drafting
+  the same shape as SpecEdge's node (`--tree`);
+- assisted: transformers' `generate(assistant_model=...)` on the server cores, K=1 only
+  (it serves one stream): the speculative decoding a user would run instead;
 - specedge: a real `specedge-verifier` process on the server cores and a real
   `specedge-node join` process on the node cores, driven through the node's
   OpenAI-compatible API by K concurrent clients.
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
@@ -40,8 +43,10 @@ from bench.prompts import prompt_set
 from specedge.demo import Processes, free_port
 from specedge.ledger.accounting import Prices
 from specedge.protocol.limits import BATCH_WAIT
+from specedge.treeshape import DEFAULT_TREE
 
-MODES = ("autoregressive", "server_only", "specedge")
+MODES = ("autoregressive", "server_only", "assisted", "specedge")
+PLOT_MODES = ("autoregressive", "server_only", "specedge")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -106,6 +111,7 @@ def run_server_mode(mode: str, k: int, args: argparse.Namespace, prompts_file: P
     argv = [sys.executable, "-m", "bench.serving", "--mode", mode, "--streams", str(k),
             "--target-model", args.target_model, "--draft-model", args.draft_model,
             "--dtype", args.dtype, "--device", args.device, "--chain", str(args.chain),
+            "--tree", args.tree,
             "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(prompts_file),
             "--engine", _fixed_engine(args)]
     res = subprocess.run([*pinned(args.server_cores), *argv], capture_output=True, text=True,
@@ -160,7 +166,7 @@ class Network:
             "--api", f"127.0.0.1:{self.api_port}", "--no-status",
             "--identity", str(self.workdir / "node.key"),
             "--ledger", str(self.workdir / "node-ledger.sqlite3"),
-            "--tree", f"chain:{a.chain}", "--announce-file", str(node_announce),
+            "--tree", a.tree, "--bets", str(a.bets), "--announce-file", str(node_announce),
             "--kv-disk-dir", str(self.workdir / "draft-kv"),
             *([] if self.reuse else ["--no-prefix-cache"]),
         ]
@@ -298,8 +304,32 @@ def run_specedge(net: Network, k: int, messages: list[list[dict]], args: argpars
         if passes else None,
         # Engine held for due requests to join a pass (idle, not busy; see --batch-wait).
         "verifier_gather_s": round(d["specedge_gather_seconds_total"], 4),
+        "round_ms": round_breakdown(results.values()),
         "token_ids": {str(i): r["token_ids"] for i, r in results.items()},
     }
+
+
+def round_breakdown(results: Iterable[dict]) -> dict | None:
+    """Where a drafted round's time went, mean ms per round, from the node's own clocks:
+    drafting it waited for (critical), drafting a winning bet did meanwhile (hidden),
+    the verifier's compute (receipts), the rest of the round trip (network, the
+    verifier's queue and hold), waiting with the verdict in hand for the bet's draft pass
+    to stop (bet_wait), and the rest: the first token's prefill and session opening, and
+    the node's own work between rounds (other)."""
+    rows = [r for r in results if r.get("round_time_s")]
+    rounds = sum(r["rounds"] for r in rows)
+    if not rounds:
+        return None
+    total = {key: sum(r["round_time_s"][key] for r in rows) for key in rows[0]["round_time_s"]}
+    wall = sum(r["wall_s"] for r in rows)
+    per = lambda s: round(s * 1000 / rounds, 2)  # noqa: E731
+    return {"rounds": rounds, "draft_critical": per(total["draft_critical"]),
+            "draft_hidden": per(total["draft_hidden"]), "verify": per(total["verify"]),
+            "network_and_queue": per(total["round_trip"] - total["verify"]),
+            "bet_wait": per(total.get("bet_wait", 0.0)),
+            "other": per(wall - total["round_trip"] - total["draft_critical"]
+                         - total.get("bet_wait", 0.0)),
+            "round": per(wall)}
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -323,7 +353,7 @@ def machine() -> dict:
 def agreement(modes: dict[str, dict[str, dict]]) -> dict[str, str]:
     """How many prompts each mode answered exactly as autoregressive did (per K)."""
     out = {}
-    for mode in ("server_only", "specedge"):
+    for mode in ("server_only", "assisted", "specedge"):
         for k, row in modes.get(mode, {}).items():
             ref = modes.get("autoregressive", {}).get(k, {}).get("token_ids", {})
             ids = row.get("token_ids", {})
@@ -339,7 +369,7 @@ def divergences(modes: dict[str, dict[str, dict]]) -> dict[str, list[dict]]:
     bf16, batched kernels of different shapes round differently, and a near-tie between
     the top two logits can flip; float32 outputs are equal (the test suite proves it)."""
     out: dict[str, list[dict]] = {}
-    for mode in ("server_only", "specedge"):
+    for mode in ("server_only", "assisted", "specedge"):
         for k, row in modes.get(mode, {}).items():
             ref = modes.get("autoregressive", {}).get(k, {}).get("token_ids", {})
             found = []
@@ -418,7 +448,7 @@ def plot(report: dict, path: Path) -> None:
                                  "inter-token latency p50 (ms)", "cost ($ / 1M tokens)"],
                                 strict=True):
         width = 0.27
-        for j, mode in enumerate(MODES):
+        for j, mode in enumerate(PLOT_MODES):
             rows = report["modes"].get(mode, {})
             vals = [rows.get(str(k), {}).get(field) or 0 for k in ks]
             ax.bar([i + (j - 1) * width for i in range(len(ks))], vals, width, label=mode)
@@ -455,7 +485,11 @@ def print_table(report: dict) -> None:
     console = Console(width=max(Console().width, 150))
     console.print(table)
     for name, per_k in report["ratios"].items():
-        console.print(f"{name}: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in per_k.items()))
+        console.print(f"{name}: " + ", ".join(f"{k if name.endswith('_k1') else f'K={k}'}: "
+                                              f"{v:.2f}x" for k, v in per_k.items()))
+    for k, r in sorted(report["modes"].get("specedge", {}).items(), key=lambda x: int(x[0])):
+        if r.get("round_ms"):
+            console.print(f"specedge K={k}: a round's time, mean ms: {r['round_ms']}")
     console.print(f"outputs equal to autoregressive: {report['outputs_equal_to_autoregressive']}")
     for k, r in sorted(report["modes"].get("specedge", {}).items(), key=lambda x: int(x[0])):
         if r.get("open_wait_ms"):
@@ -496,6 +530,12 @@ def ratios(modes: dict) -> dict:
         if other and other.get("ttft_ms_p50") and row.get("ttft_ms_p50"):
             ttft[k] = round(row["ttft_ms_p50"] / other["ttft_ms_p50"], 3)
     out["ttft_vs_autoregressive"] = ttft
+    # Single stream against the user's alternative: tokens per wall second and ITL.
+    row, other = spec.get("1"), modes.get("assisted", {}).get("1")
+    if row and other and other.get("throughput_tps") and other.get("itl_ms_p50"):
+        out["specedge_vs_assisted_k1"] = {
+            "tokens_per_s": round(row["throughput_tps"] / other["throughput_tps"], 3),
+            "itl": round(row["itl_ms_p50"] / other["itl_ms_p50"], 3)}
     return out
 
 
@@ -504,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one prompt per kind, K = 1 and 4")
     ap.add_argument("--streams", default=None, help="comma-separated K values (default 1,2,4,8)")
+    ap.add_argument("--prompts", type=int, default=None, metavar="N",
+                    help="only the first N prompts of the set (a quicker run)")
     ap.add_argument("--json", type=Path, help="write the full report here")
     ap.add_argument("--plot", type=Path, help="write a PNG of the main figures here")
     ap.add_argument("--target-model", default="qwen2.5-coder-1.5b")
@@ -514,7 +556,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine of every mode (autoregressive, server-only and SpecEdge run "
                     "on the same one, so their ratios compare like with like); auto: the "
                     "one the verifier measures fastest here, decided once at the start")
-    ap.add_argument("--chain", type=int, default=4, help="draft chain length (default 4)")
+    ap.add_argument("--chain", type=int, default=None,
+                    help="draft chain length (short for --tree chain:N)")
+    ap.add_argument("--tree", default=None, metavar="SHAPE",
+                    help="draft shape for SpecEdge and server-only alike: chain:N, "
+                    "tree:BUDGET,DEPTH,WIDTH or dynamic:BUDGET[,WIDTH] (default: the node's, "
+                    f"{DEFAULT_TREE})")
+    ap.add_argument("--bets", type=int, default=2, metavar="N",
+                    help="the node's proactive bets per round (specedge-node --bets)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: the draft shapes side by side in one process (accepted "
+                    "tokens per round, verify pass and drafting cost, server throughput; "
+                    "bench/trees.py), and the best one")
+    ap.add_argument("--shapes", default=None,
+                    help="--sweep: comma-free list separated by spaces, e.g. 'chain:4 "
+                    "tree:16,6,4 dynamic:32' (default: bench/trees.py's list)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--server-cores", type=parse_cores, default=None,
                     help="cores for server work, e.g. 0 or 0-7 (default: first half)")
@@ -544,7 +600,7 @@ def new_report(args: argparse.Namespace, ks: list[int], prompts: list, ids: list
     return {
         "machine": machine(),
         "config": {"draft_model": args.draft_model, "target_model": args.target_model,
-                   "dtype": args.dtype, "tree": f"chain:{args.chain}",
+                   "dtype": args.dtype, "tree": args.tree, "bets": args.bets,
                    "engine": getattr(args, "chosen_engine", args.engine),
                    "max_new_tokens": args.max_new_tokens, "prompts": len(ids),
                    "prompt_kinds": sorted({k for k, _ in prompts}),
@@ -562,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     half = max(len(cores) // 2, 1)
     args.server_cores = args.server_cores or cores[:half]
     args.node_cores = args.node_cores or (cores[half:] or cores[:1])
+    args.tree = tree_spec(args)
+    if args.sweep:
+        from bench.trees import sweep_main
+
+        return sweep_main(args)
     args.chosen_engine = settle_engine(args) if args.engine == "auto" else args.engine
     if args.multi_turn:
         return multi_turn(args)
@@ -574,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing {args.target_model} / {args.draft_model} ...", file=sys.stderr)
     _, tok = load_model(args.draft_model, dtype=getattr(__import__("torch"), args.dtype))
     load_model(args.target_model, dtype=getattr(__import__("torch"), args.dtype))
-    prompts = prompt_set(args.quick)
+    prompts = prompt_set(args.quick)[: args.prompts]
     messages = [m for _, m in prompts]
     ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)["input_ids"]) for m in messages]
@@ -585,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         prompts_file = work / "prompts.json"
         prompts_file.write_text(json.dumps(ids))
-        for mode in ("autoregressive", "server_only"):
+        for mode in ("autoregressive", "server_only", "assisted"):
             if mode not in modes_wanted:
                 continue
-            for k in ks:
+            for k in ks if mode != "assisted" else [k for k in ks if k == 1]:
                 measure(report, mode, k,
                         lambda mode=mode, k=k: server_row(mode, k, args, prompts_file, prices,
                                                           samples), args, ids, samples)
@@ -605,6 +666,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def tree_spec(args: argparse.Namespace) -> str:
+    """The draft shape as text (`--tree`, else a chain of `--chain`); refuses a bad one."""
+    from specedge.trees import TreeShape
+
+    try:
+        shape = TreeShape.parse(args.tree or (f"chain:{args.chain}" if args.chain
+                                              else DEFAULT_TREE))
+    except ValueError as exc:
+        raise SystemExit(f"specedge bench: {exc}") from None
+    args.chain = shape.budget  # tokens per tree, for the calibration
+    return shape.spec()
+
+
 def multi_turn(args: argparse.Namespace) -> int:
     """`--multi-turn`: see bench/multiturn.py. Writes --json, prints the table."""
     from bench.multiturn import print_report, run_multiturn
@@ -615,7 +689,7 @@ def multi_turn(args: argparse.Namespace) -> int:
         report = run_multiturn(args, Network, Path(tmp))
     report["machine"] = machine()
     report["config"] = {"draft_model": args.draft_model, "target_model": args.target_model,
-                        "dtype": args.dtype, "tree": f"chain:{args.chain}"}
+                        "dtype": args.dtype, "tree": args.tree}
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
@@ -628,6 +702,9 @@ def server_row(mode: str, k: int, args: argparse.Namespace, prompts_file: Path, 
     row = run_server_mode(mode, k, args, prompts_file)
     row["cost_per_1m_tokens_usd"] = cost_per_million(row["server_busy_s"], 0.0, row["tokens"],
                                                      prices)
+    if mode == "assisted":  # no passes of its own to calibrate from
+        row.pop("verify_samples")
+        return row
     key, col = ("verify_ms", "batch_tokens") if mode == "server_only" else ("ar_step_ms", "batch")
     for rows, ms in row.pop("verify_samples"):
         samples[key][col].append(rows)

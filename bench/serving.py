@@ -3,7 +3,12 @@
 - autoregressive: K streams decode one token per target pass, batched.
 - server_only: K streams whose drafts are made on the server too: each round, the draft
   model extends every stream's chain one token per batched pass, then one batched
-  target pass verifies every stream's chain. The server is busy for both.
+  target pass verifies every stream's chain. The server is busy for both. With a tree
+  shape (`--tree`), each stream's tree is drafted as the node drafts it (`Drafter`,
+  the same shape, dynamic ones against this engine's measured pass cost), one stream
+  after another, then verified in one batched pass.
+- assisted: transformers' own speculative decoding, `generate(assistant_model=...)`,
+  one stream at a time (it does not batch): what a user runs instead of a network.
 
 Both use the verifier's packed multi-session engine, so they batch exactly as the
 SpecEdge verifier does. Each stream takes prompts from a shared queue until it is empty.
@@ -23,10 +28,13 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge import kvcache
+from specedge.costs import CostCurve
+from specedge.drafter import Drafter
 from specedge.kvblocks import store_for
 from specedge.models import load_model
 from specedge.sampling import SamplingParams
 from specedge.text import eos_ids
+from specedge.trees import TreeShape
 from specedge.verifier.engine import PrefillJob, TargetEngine, TargetState, VerifyJob
 
 GREEDY = SamplingParams()
@@ -50,6 +58,8 @@ class Stream:
     target: TargetState | None = None
     draft: TargetState | None = None
     drafted: int = 0  # draft tokens of the current round (server_only)
+    drafter: Drafter | None = None  # server_only with a tree shape
+    drafter_for: int = -1  # the request index the drafter holds
 
 
 @dataclass
@@ -191,6 +201,87 @@ def server_only(target: TargetEngine, draft: TargetEngine, prompts: list[list[in
                 finished.append(s.request)
 
 
+def server_only_trees(target: TargetEngine, draft_model: torch.nn.Module,
+                      prompts: list[list[int]], k: int, max_new: int, shape: TreeShape,
+                      cost: CostCurve | None, stop: set[int], finished: list[Request],
+                      totals: Totals) -> None:
+    """server_only with trees: each stream drafts its tree as a node would (the server's
+    core, one stream after another), then one batched target pass verifies them all."""
+    queue = deque(enumerate(prompts))
+    streams = [Stream() for _ in range(k)]
+    while True:
+        _assign(streams, queue, target, None)
+        live = [s for s in streams if s.request is not None]
+        if not live:
+            return
+        for s in live:
+            if s.drafter is None or s.drafter_for != s.request.index:
+                s.drafter, s.drafter_for = Drafter(draft_model, shape), s.request.index
+                s.drafter.cost = cost
+        jobs, owners, trees = [], [], []
+        for s in live:
+            if not s.target.prefilled:
+                jobs.append(target.next_prefill(s.target))
+                owners.append(s)
+                continue
+            t0 = time.perf_counter()
+            tree = s.drafter.draft(list(s.target.tokens))
+            spent = time.perf_counter() - t0
+            totals.busy_s += spent
+            totals.draft_busy_s += spent
+            jobs.append(VerifyJob(s.target, tree.tokens, tree.parents))
+            owners.append(s)
+            trees.append(tree)
+        verdicts = _run(target, jobs, totals)
+        now = time.perf_counter()
+        drafted = iter(trees)
+        for s, job, v in zip(owners, jobs, verdicts, strict=True):
+            if isinstance(job, PrefillJob):
+                continue
+            s.drafter.commit(next(drafted), v.accepted)
+            totals.rounds += 1
+            totals.drafted += len(job.tokens)
+            totals.accepted += len(v.accepted)
+            _take(s.request, v.new_tokens, now, max_new, stop)
+            if s.request.done:
+                finished.append(s.request)
+
+
+class _TokenTimes:
+    """A transformers streamer that notes when each generated token came out."""
+
+    def __init__(self, request: Request, limit: int, stop: set[int]) -> None:
+        self.request, self.limit, self.stop = request, limit, stop
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands the prompt over first
+            self.prompt_seen = True
+            return
+        _take(self.request, value.reshape(-1).tolist(), time.perf_counter(), self.limit,
+              self.stop)
+
+    def end(self) -> None:
+        pass
+
+
+def assisted(target_model: torch.nn.Module, draft_model: torch.nn.Module,
+             prompts: list[list[int]], max_new: int, stop: set[int], finished: list[Request],
+             totals: Totals) -> None:
+    """transformers' assisted generation, greedy, one prompt after another; the server is
+    busy for the whole of each generate() call (draft and target share it)."""
+    for index, prompt in enumerate(prompts):
+        req = Request(index, prompt, time.perf_counter())
+        ids = torch.tensor([prompt], device=target_model.device)
+        target_model.generate(
+            ids, attention_mask=torch.ones_like(ids), assistant_model=draft_model,
+            do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(stop),
+            pad_token_id=sorted(stop)[0], streamer=_TokenTimes(req, max_new, stop))
+        totals.busy_s += time.perf_counter() - req.started
+        totals.passes += 1
+        finished.append(req)
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
@@ -239,15 +330,52 @@ def _engine(args: argparse.Namespace, name: str) -> tuple[object, set[int]]:
     return engine, set(eos_ids(tok, model.generation_config))
 
 
+def run_mode(args: argparse.Namespace, target: object, stop: set[int],
+             prompts: list[list[int]], finished: list[Request], totals: Totals) -> float:
+    """Run the bench's mode over `prompts`; returns when its measured time started."""
+    start = time.perf_counter()
+    shape = TreeShape.parse(args.tree or f"chain:{args.chain}")
+    if args.mode == "autoregressive":
+        autoregressive(target, prompts, args.streams, args.max_new_tokens, stop, finished, totals)
+    elif args.mode == "assisted" or shape.max_width > 1 or shape.dynamic:
+        if args.engine != "torch":
+            raise SystemExit(f"{args.mode} with {shape.spec()} runs on the torch engine only")
+        target_model = target.model
+        draft_model, _ = load_model(args.draft_model, getattr(torch, args.dtype), args.device)
+        if args.mode == "assisted":
+            assisted(target_model, draft_model, prompts[:1], 4, stop, [], Totals())  # warm-up
+            start = time.perf_counter()
+            assisted(target_model, draft_model, prompts, args.max_new_tokens, stop, finished,
+                     totals)
+        else:
+            cost = None
+            if shape.dynamic:
+                from specedge.models import vocab_size
+                from specedge.verifier.costprobe import measure_pass_costs
+
+                points = measure_pass_costs(target, vocab_size(target_model), shape.budget + 1)
+                cost = CostCurve.of((r, us / 1e6) for r, us in points)
+            start = time.perf_counter()
+            server_only_trees(target, draft_model, prompts, args.streams, args.max_new_tokens,
+                              shape, cost, stop, finished, totals)
+    else:
+        draft, _ = _engine(args, args.draft_model)
+        server_only(target, draft, prompts, args.streams, args.max_new_tokens, shape.budget,
+                    stop, finished, totals)
+    return start
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", choices=["autoregressive", "server_only"], required=True)
+    ap.add_argument("--mode", choices=["autoregressive", "server_only", "assisted"],
+                    required=True)
     ap.add_argument("--streams", type=int, required=True)
     ap.add_argument("--target-model", required=True)
     ap.add_argument("--draft-model", required=True)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chain", type=int, default=4)
+    ap.add_argument("--tree", default=None, help="draft shape (overrides --chain)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompts", required=True, help="JSON file: list of token-id lists")
     ap.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch")
@@ -259,13 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     totals = Totals()
     # Warm-up: one short request, not counted.
     autoregressive(target, prompts[:1], 1, 2, stop, [], Totals())
-    start = time.perf_counter()
-    if args.mode == "autoregressive":
-        autoregressive(target, prompts, args.streams, args.max_new_tokens, stop, finished, totals)
-    else:
-        draft, _ = _engine(args, args.draft_model)
-        server_only(target, draft, prompts, args.streams, args.max_new_tokens, args.chain, stop,
-                    finished, totals)
+    start = run_mode(args, target, stop, prompts, finished, totals)
     wall = time.perf_counter() - start
     print(json.dumps(summarise(args.mode, args.streams, finished, totals, wall)))
 

@@ -480,6 +480,12 @@ def _extra(gen: NodeGeneration) -> dict:
             "open_wait_ms": s.open_wait_ms,
             "time_to_first_token_ms": s.time_to_first_token_ms,
             "inter_token_latency_ms": s.inter_token_latency_ms,
+            "wall_s": round(s.wall_s, 4),
+            "round_time_s": {"draft_critical": round(s.draft_critical_s, 4),
+                             "draft_hidden": round(s.draft_hidden_s, 4),
+                             "round_trip": round(s.round_trip_s, 4),
+                             "verify": round(s.verify_s, 4),
+                             "bet_wait": round(s.bet_wait_s, 4)},
             "token_ids": gen.token_ids}
 
 

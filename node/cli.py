@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from specedge.cli import DTYPES, add_sampling_args, torch_dtype, tree_shape
-from specedge.treeshape import TreeShape
+from specedge.treeshape import DEFAULT_TREE, TreeShape
 
 if TYPE_CHECKING:  # the real imports are deferred: they cost seconds
     from libp2p.crypto.keys import KeyPair
@@ -75,6 +75,9 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proof-dir", metavar="PATH",
                    help="also write each fraud proof here as a file (anyone can check one "
                    "with `specedge-ledger frauds FILE`)")
+    p.add_argument("--bets", type=int, default=2, metavar="N",
+                   help="while a verification is in flight, draft the next tree for each of "
+                   "the N likeliest verdicts (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: progress, -vv: debug, -vvv: libp2p's own logs")
 
@@ -123,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "OpenAI-compatible API")
     add_network_args(join)
     add_model_args(join)
-    join.add_argument("--tree", type=tree_shape, default=TreeShape.chain(4), metavar="SHAPE",
-                      help="draft shape: chain:N or tree:BUDGET,DEPTH,WIDTH (default: chain:4)")
+    join.add_argument("--tree", type=tree_shape, default=TreeShape.parse(DEFAULT_TREE),
+                      metavar="SHAPE",
+                      help="draft shape: chain:N, tree:BUDGET,DEPTH,WIDTH or "
+                      "dynamic:BUDGET[,WIDTH] "
+                      "(grown while a node's draft probability pays for its row at the "
+                      f"verifier's advertised pass cost; default: {DEFAULT_TREE})")
     join.add_argument("--api", default=DEFAULT_API, metavar="HOST:PORT",
                       help="where to serve the API (default: %(default)s; port 0 picks one)")
     join.add_argument("--model-name", help="the model name API clients use (default: the "
@@ -298,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book, \
                     _auditing(args, pool, identity, book) as auditor:
                 edge = Edge(models, pool, book=book, shape=args.tree,
-                            proactive=not args.no_proactive)
+                            proactive=not args.no_proactive, bets=args.bets)
                 gen = await edge.generate(prompt, args.max_new_tokens, params,
                                           on_tokens=None if args.json else show, on_event=tell)
             if auditor is not None and auditor.stats.frauds:
@@ -352,7 +359,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 async with receipt_book(args.ledger, node, enabled=not args.no_ledger) as book, \
                         _auditing(args, pool, identity, book, JOIN_AUDIT_DRAIN):
                     edge = Edge(models, pool, book=book, shape=args.tree,
-                                proactive=not args.no_proactive)
+                                proactive=not args.no_proactive, bets=args.bets)
                     app = create_app(edge, args.model_name)
                     async with trio.open_nursery() as side:
                         side.start_soon(pool.keep_fresh)

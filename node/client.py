@@ -139,6 +139,8 @@ class Session:
         self.session_id = bytes(opened.session_id)
         self.vocab_size = int(opened.vocab_size)
         self.max_tree_tokens = int(opened.max_tree_tokens)
+        # The verifier's measured pass cost by rows, (rows, seconds): sizes dynamic trees.
+        self.pass_costs = [(int(p.rows), p.micros / 1e6) for p in opened.pass_costs]
         self.seq = 0
         self.broken = False
         # The session's transcript, for audits: what it was opened with, and each

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from specedge.drafter import BETS
 from specedge.kvblocks import BlockStore, DiskTier, disk_pays, store_for
 from specedge.models import (
     DEFAULT_DRAFT_FOR,
@@ -172,12 +173,14 @@ class Edge:
     """Serves generations: one call per request, many at once."""
 
     def __init__(self, models: Models, connector: Connector, *, book: ReceiptBook | None = None,
-                 shape: TreeShape = DEFAULT_SHAPE, proactive: bool = True) -> None:
+                 shape: TreeShape = DEFAULT_SHAPE, proactive: bool = True,
+                 bets: int = BETS) -> None:
         self.models = models
         self.connector = connector
         self.book = book
         self.shape = shape
         self.proactive = proactive
+        self.bets = bets
         self.activity = Activity()
 
     @property
@@ -213,9 +216,9 @@ class Edge:
             gen = await generate(
                 self.models.draft, prompt_ids, max_new_tokens, connector=self.connector,
                 model_id=self.models.target_name, params=params, shape=self.shape,
-                proactive=self.proactive, eos_ids=self.models.eos_ids, on_tokens=tokens,
-                on_event=event, book=self.book, stop=stop, store=self.models.store,
-                top_logprobs=top_logprobs)
+                proactive=self.proactive, bets=self.bets, eos_ids=self.models.eos_ids,
+                on_tokens=tokens, on_event=event, book=self.book, stop=stop,
+                store=self.models.store, top_logprobs=top_logprobs)
         except BaseException:
             act.failed += 1
             raise

@@ -22,6 +22,7 @@ failure.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -34,7 +35,8 @@ from typing import Protocol
 import trio
 from transformers import PreTrainedModel
 
-from specedge.drafter import Bet, Drafter
+from specedge.costs import CostCurve
+from specedge.drafter import BETS, Bet, Bets, Drafter
 from specedge.engine import GREEDY, GenerationStats, Output
 from specedge.kvblocks import BlockStore
 from specedge.models import vocab_size
@@ -43,14 +45,14 @@ from specedge.node.errors import NodeError, NoVerifierError, VocabularyMismatch
 from specedge.node.receipts import KeptReceipt, ReceiptBook
 from specedge.protocol.errors import ProtocolError
 from specedge.sampling import SamplingParams
-from specedge.trees import TokenTree, TreeShape
+from specedge.trees import DEFAULT_TREE, TokenTree, TreeShape
 
 log = logging.getLogger("specedge.node")
 __all__ = ["NodeError", "NoVerifierError", "VocabularyMismatch", "generate"]
 
 OnTokens = Callable[[list[int]], None]
 OnEvent = Callable[[str, dict], None]
-DEFAULT_SHAPE = TreeShape.chain(4)
+DEFAULT_SHAPE = TreeShape.parse(DEFAULT_TREE)
 MAX_FAILOVERS = 8
 
 
@@ -82,6 +84,14 @@ class NodeStats(GenerationStats):
     time_to_first_token_ms: float | None = None
     inter_token_latency_ms: float | None = None
     mean_round_trip_ms: float | None = None
+    # Where rounds' time went (seconds, all rounds): drafting the node waited for after a
+    # verdict (the critical path), drafting a winning bet did while a request was out
+    # (hidden), request-to-verdict, and the verifier's compute within it (receipts).
+    draft_critical_s: float = 0.0
+    draft_hidden_s: float = 0.0
+    round_trip_s: float = 0.0
+    verify_s: float = 0.0
+    bet_wait_s: float = 0.0  # verdict in hand, waiting for the bet thread to stop
 
 
 @dataclass
@@ -96,8 +106,15 @@ def capped(shape: TreeShape, budget: int) -> TreeShape:
     """The shape limited to a verifier's tree budget."""
     if shape.budget <= budget:
         return shape
-    return TreeShape(budget=budget, max_depth=min(shape.max_depth, budget),
-                     max_width=shape.max_width)
+    return dataclasses.replace(shape, budget=budget, max_depth=min(shape.max_depth, budget))
+
+
+def cost_curve(points: list[tuple[int, float]]) -> CostCurve | None:
+    """The verifier's advertised pass cost, or None (then dynamic trees fill their budget)."""
+    try:
+        return CostCurve.of(points) if points else None
+    except ValueError:  # validated on the wire; repeated row counts are merged
+        return None
 
 
 def check_vocabulary(draft_vocab: int, session: Session) -> None:
@@ -143,6 +160,7 @@ async def generate(
     params: SamplingParams = GREEDY,
     shape: TreeShape = DEFAULT_SHAPE,
     proactive: bool = True,
+    bets: int = BETS,
     eos_ids: Sequence[int] = (),
     on_tokens: OnTokens | None = None,
     on_event: OnEvent | None = None,
@@ -172,6 +190,7 @@ async def generate(
         draft_vocab = draft_model.vocab_size
     else:
         drafter, draft_vocab = Drafter(draft_model, shape, store=store), vocab_size(draft_model)
+    drafter.bets = bets  # (the llama.cpp drafter bets on the likeliest verdict only)
     run = _Run(drafter, draft_vocab, prompt_ids,
                max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
                on_event, book, max_failovers, stop)
@@ -258,6 +277,7 @@ class _Run:
         if self.stats.open_wait_ms is None:  # the first open: admission and any BUSY waits
             self.stats.open_wait_ms = round((time.perf_counter() - t0) * 1e3, 3)
         self.drafter.shape = capped(self.drafter.shape, session.max_tree_tokens)
+        self.drafter.cost = cost_curve(session.pass_costs)
         if session.verifier not in self.stats.verifiers:
             self.stats.verifiers.append(session.verifier)
         if self.tree is None and not self.out.tokens and session.liveness.progress:
@@ -307,11 +327,19 @@ class _Run:
             t0 = time.perf_counter()
             self.tree = await trio.to_thread.run_sync(self.drafter.draft, list(self.committed))
             self.tree_draft_s, self.tree_proactive = time.perf_counter() - t0, False
+            self.stats.draft_critical_s += self.tree_draft_s
         tree = self.tree
         n = min(len(tree), session.max_tree_tokens)
+        arrived: list[float] = []
+
+        def take(result: RoundResult) -> None:
+            arrived.append(time.perf_counter())
+            self._take(result, tree, n, session.verifier)
+
         result, failure, bet, bet_s = await _round(
-            session, self._bettor(tree), tree, n, self.tree_proactive, self.tree_draft_s,
-            lambda result: self._take(result, tree, n, session.verifier))
+            session, self._bettor(tree), tree, n, self.tree_proactive, self.tree_draft_s, take)
+        if arrived and len(tree):
+            self.stats.bet_wait_s += time.perf_counter() - arrived[0]
         if failure is not None:
             await self._failover(failure)
             return True  # the same tree goes to the next verifier
@@ -325,7 +353,7 @@ class _Run:
         await self._next_tree(tree, result, bet, bet_s)
         return True
 
-    def _bettor(self, tree: TokenTree) -> Callable[[threading.Event], Bet | None] | None:
+    def _bettor(self, tree: TokenTree) -> Callable[[threading.Event], Bet | Bets | None] | None:
         """What the bet thread runs while `tree` is out, if anything."""
         if not len(tree) and self.proactive:  # the first token: bet on it meanwhile
             return lambda cancel: self.drafter.bet_first(list(self.committed), cancel)
@@ -339,6 +367,8 @@ class _Run:
         """Commit a verdict the moment it arrives, before the bet thread has stopped: the
         user gets the tokens without waiting for speculative work."""
         self.round_trips.append(result.round_trip_s)
+        self.stats.round_trip_s += result.round_trip_s
+        self.stats.verify_s += result.receipt.verify_micros / 1e6
         if n:
             self.stats.record_round(n, len(result.accepted))
         self._event("round", verifier=verifier, drafted=n, accepted=len(result.accepted),
@@ -350,7 +380,7 @@ class _Run:
             self.book.keep(result.receipt)
         self.out.extend(new)
 
-    async def _next_tree(self, tree: TokenTree, result: RoundResult, bet: Bet | None,
+    async def _next_tree(self, tree: TokenTree, result: RoundResult, bet: Bet | Bets | None,
                          bet_s: float) -> None:
         hit = bet is not None and bet.hit(result.accepted, result.bonus)
         if not len(tree):
@@ -361,7 +391,10 @@ class _Run:
         if hit:
             assert bet is not None
             self.tree = await trio.to_thread.run_sync(self.drafter.adopt, bet)
-            self.tree_draft_s, self.tree_proactive = bet_s + time.perf_counter() - t0, True
+            waited = time.perf_counter() - t0
+            self.tree_draft_s, self.tree_proactive = bet_s + waited, True
+            self.stats.draft_critical_s += waited
+            self.stats.draft_hidden_s += bet_s
             return
         if len(tree):
             self.tree = await trio.to_thread.run_sync(
@@ -369,6 +402,7 @@ class _Run:
         else:
             self.tree = await trio.to_thread.run_sync(self.drafter.draft, list(self.committed))
         self.tree_draft_s, self.tree_proactive = time.perf_counter() - t0, False
+        self.stats.draft_critical_s += self.tree_draft_s
 
     def result(self) -> NodeGeneration:
         stats, out = self.stats, self.out
@@ -445,10 +479,10 @@ def _commit_and_draft(drafter: Drafter, tree: TokenTree, accepted: list[int],
 
 
 async def _round(
-    session: Session, bettor: Callable[[threading.Event], Bet | None] | None,
+    session: Session, bettor: Callable[[threading.Event], Bet | Bets | None] | None,
     tree: TokenTree, n: int, tree_proactive: bool, tree_draft_s: float,
     take: Callable[[RoundResult], None],
-) -> tuple[RoundResult | None, ProtocolError | None, Bet | None, float]:
+) -> tuple[RoundResult | None, ProtocolError | None, Bet | Bets | None, float]:
     """One request in flight, with the proactive bet (`bettor`) drafted meanwhile in a
     thread.
 
@@ -458,7 +492,7 @@ async def _round(
     stops it between draft batches.
     """
     cancel = threading.Event()
-    box: list[tuple[Bet | None, float]] = []
+    box: list[tuple[Bet | Bets | None, float]] = []
 
     def bet() -> None:
         assert bettor is not None

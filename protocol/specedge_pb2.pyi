@@ -109,16 +109,18 @@ class OpenSession(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., client_version: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., progress: _Optional[bool] = ..., standing: _Optional[bytes] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "verifier_peer_id", "vocab_size", "max_tree_tokens")
+    __slots__ = ("session_id", "verifier_peer_id", "vocab_size", "max_tree_tokens", "pass_costs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERIFIER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PASS_COSTS_FIELD_NUMBER: _ClassVar[int]
     session_id: bytes
     verifier_peer_id: str
     vocab_size: int
     max_tree_tokens: int
-    def __init__(self, session_id: _Optional[bytes] = ..., verifier_peer_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_tree_tokens: _Optional[int] = ...) -> None: ...
+    pass_costs: _containers.RepeatedCompositeFieldContainer[PassCost]
+    def __init__(self, session_id: _Optional[bytes] = ..., verifier_peer_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_tree_tokens: _Optional[int] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "seq", "tokens", "parents", "proactive", "draft_micros")

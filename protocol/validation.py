@@ -173,6 +173,14 @@ def validate_open_session(
         raise _fail(ErrorCode.OVERLOADED, "no free session slot; try another verifier")
 
 
+def _pass_costs(points: Sequence[pb.PassCost]) -> None:
+    if len(points) > MAX_PASS_COSTS:
+        raise _fail(ErrorCode.TOO_LARGE, f"{len(points)} pass costs > {MAX_PASS_COSTS}")
+    for point in points:
+        _range(point.rows, "pass_costs.rows", 1, MAX_BATCH_TOKENS)
+        _range(point.micros, "pass_costs.micros", 0, MAX_VERIFY_MICROS)
+
+
 def validate_session_opened(msg: pb.SessionOpened, *, expected_peer: str | None = None) -> None:
     """Check a SessionOpened on the node (``expected_peer``: the stream's remote peer)."""
     _session_id(msg.session_id)
@@ -181,6 +189,7 @@ def validate_session_opened(msg: pb.SessionOpened, *, expected_peer: str | None 
         raise _fail(ErrorCode.WRONG_PEER, "verifier_peer_id is not the peer on this stream")
     _range(msg.vocab_size, "vocab_size", 1, MAX_VOCAB_SIZE)
     _range(msg.max_tree_tokens, "max_tree_tokens", 1, MAX_TREE_TOKENS)
+    _pass_costs(msg.pass_costs)
 
 
 def validate_tree(
@@ -375,11 +384,7 @@ def validate_advertisement(msg: pb.Advertisement) -> None:
     _range(msg.sessions_open, "sessions_open", 0, MAX_SESSIONS)
     _range(msg.max_sessions, "max_sessions", 0, MAX_SESSIONS)
     _range(msg.queued_prefill_tokens, "queued_prefill_tokens", 0, MAX_QUEUE_DEPTH * 1024)
-    if len(msg.pass_costs) > MAX_PASS_COSTS:
-        raise _fail(ErrorCode.TOO_LARGE, f"{len(msg.pass_costs)} pass costs > {MAX_PASS_COSTS}")
-    for point in msg.pass_costs:
-        _range(point.rows, "pass_costs.rows", 1, MAX_BATCH_TOKENS)
-        _range(point.micros, "pass_costs.micros", 0, MAX_VERIFY_MICROS)
+    _pass_costs(msg.pass_costs)
     _text(msg.engine, "engine", MAX_MODEL_ID_CHARS, required=False)
     if not math.isfinite(msg.your_standing) or not 0.0 <= msg.your_standing <= MAX_STANDING:
         raise _fail(ErrorCode.INVALID_PARAMETER, "your_standing out of range")

@@ -72,7 +72,8 @@ class Curve:
 
 def tree_shape(tree: str) -> tuple[int, int] | None:
     """(draft tokens, longest path) of a tree spec: 'chain:N' -> (N, N),
-    'tree:BUDGET,DEPTH,WIDTH' -> (BUDGET, DEPTH); None when it cannot be read."""
+    'tree:BUDGET,DEPTH,WIDTH' -> (BUDGET, DEPTH), 'dynamic:BUDGET[,WIDTH]' -> (BUDGET, at
+    most 12); None when it cannot be read."""
     kind, _, rest = tree.partition(":")
     try:
         if kind == "chain":
@@ -80,6 +81,9 @@ def tree_shape(tree: str) -> tuple[int, int] | None:
         if kind == "tree":
             budget, depth, _width = (int(x) for x in rest.split(","))
             return budget, depth
+        if kind == "dynamic":  # a ceiling: the bench's calibration says what was drafted
+            budget = int(rest.split(",")[0])
+            return budget, min(budget, 12)
     except ValueError:
         pass
     return None

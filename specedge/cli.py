@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from specedge.treeshape import TreeShape
+from specedge.treeshape import DEFAULT_TREE, TreeShape
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -32,9 +32,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--tree", type=tree_shape, default=TreeShape.chain(4),
-                   metavar="SHAPE", help="draft shape: chain:N or tree:BUDGET,DEPTH,WIDTH "
-                   "(default: chain:4)")
+    p.add_argument("--tree", type=tree_shape, default=TreeShape.parse(DEFAULT_TREE),
+                   metavar="SHAPE", help="draft shape: chain:N, tree:BUDGET,DEPTH,WIDTH or "
+                   f"dynamic:BUDGET[,WIDTH] (default: {DEFAULT_TREE})")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, stats) instead of streaming")
 

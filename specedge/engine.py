@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from specedge.drafter import Bet, Drafter
+from specedge.costs import CostCurve
+from specedge.drafter import BETS, Bet, Bets, Drafter
 from specedge.sampling import SamplingParams, choose_tokens
 from specedge.trees import TreeShape
 from specedge.verification import TargetSession
@@ -108,24 +109,29 @@ def speculative_generate(
     proactive: bool = True,
     eos_ids: Sequence[int] = (),
     on_tokens: OnTokens | None = None,
+    cost: CostCurve | None = None,
+    bets: int = BETS,
 ) -> Generation:
     """Draft trees with `draft_model`, verify them with `target_model`, in one process.
 
-    With `proactive`, each round also bets on the verdict and drafts the next tree before
-    verifying (the network node does this while the request is in flight).
+    With `proactive`, each round also bets on the `bets` likeliest verdicts and drafts
+    the next tree for each before verifying (the network node does this while the
+    request is in flight). `cost`: the target's pass cost by rows, which a dynamic
+    `shape` is sized against.
     """
     params.check()
     start = time.perf_counter()
     stats = GenerationStats()
     out = Output(max_new_tokens, eos_ids, on_tokens)
     drafter = Drafter(draft_model, shape)
+    drafter.cost, drafter.bets = cost, bets
     target = TargetSession(target_model, prompt_ids, params)
     target.prefill()
     tree = None
     while not out.done:
         if tree is None:
             tree = drafter.draft(target.tokens)
-        bet: Bet | None = drafter.bet(tree) if proactive else None
+        bet: Bet | Bets | None = drafter.bet(tree) if proactive else None
         verdict = target.verify(tree.tokens, tree.parents)
         stats.record_round(len(tree), len(verdict.accepted))
         out.extend(verdict.new_tokens)

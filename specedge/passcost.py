@@ -11,7 +11,8 @@ seconds, on its own hardware, and keeps the fastest for its role:
   16-row one;
 - a drafter decodes one token at a time: its score is the 1-row cost.
 
-The measured curve (rows -> seconds) is also what a verifier advertises (`pass_costs`).
+The measured curve (rows -> seconds) is what `--engine auto` chooses by; the curve a
+verifier advertises comes from its own probe after (`verifier/costprobe.py`).
 Any engine with the verifier engines' interface (`new_state`, `next_prefill`, `run`,
 `release`) can be measured; `cut` puts a session back to an earlier length after a
 measured pass.

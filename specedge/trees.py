@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specedge.treeshape import TreeShape  # noqa: F401  (its old home: re-exported)
+from specedge.treeshape import (  # noqa: F401  (their old home: re-exported)
+    DEFAULT_TREE,
+    DYNAMIC_DEPTH,
+    DYNAMIC_WIDTH,
+    TreeShape,
+)
 
 
 @dataclass

@@ -7,14 +7,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The shape nodes draft by default: the best of `specedge bench --sweep` on the demo pair
+# (README, "Trees, bets and the user's alternative").
+DEFAULT_TREE = "chain:6"
+DYNAMIC_WIDTH = 4  # dynamic trees: children per node, and nodes added per draft pass
+DYNAMIC_DEPTH = 12
+
 
 @dataclass(frozen=True)
 class TreeShape:
-    """How big a draft tree may grow: total tokens, tokens on one path, children per node."""
+    """How big a draft tree may grow: total tokens, tokens on one path, children per node.
+
+    `dynamic`: the budget is a ceiling; the drafter stops earlier where one more node's
+    draft probability no longer pays for its row on the verifier (`specedge.costs`).
+    """
 
     budget: int = 8
     max_depth: int = 8
     max_width: int = 1
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if self.budget < 1 or self.max_depth < 1 or self.max_width < 1:
@@ -26,7 +37,7 @@ class TreeShape:
 
     @classmethod
     def parse(cls, text: str) -> TreeShape:
-        """'chain:4' or 'tree:BUDGET,DEPTH,WIDTH' (the CLI's --tree argument)."""
+        """'chain:N', 'tree:BUDGET,DEPTH,WIDTH' or 'dynamic:BUDGET[,WIDTH]' (--tree)."""
         kind, _, rest = text.partition(":")
         try:
             if kind == "chain":
@@ -34,6 +45,20 @@ class TreeShape:
             if kind == "tree":
                 budget, depth, width = (int(x) for x in rest.split(","))
                 return cls(budget, depth, width)
+            if kind == "dynamic":
+                budget, *more = (int(x) for x in rest.split(","))
+                if len(more) <= 1:
+                    width = more[0] if more else DYNAMIC_WIDTH
+                    return cls(budget, min(budget, DYNAMIC_DEPTH), width, dynamic=True)
         except ValueError:
             pass
-        raise ValueError(f"tree shape must be 'chain:N' or 'tree:BUDGET,DEPTH,WIDTH', got {text!r}")
+        raise ValueError("tree shape must be 'chain:N', 'tree:BUDGET,DEPTH,WIDTH' or "
+                         f"'dynamic:BUDGET[,WIDTH]', got {text!r}")
+
+    def spec(self) -> str:
+        """The text `parse` reads back."""
+        if self.dynamic:
+            return f"dynamic:{self.budget},{self.max_width}"
+        if self.max_width == 1 and self.max_depth == self.budget:
+            return f"chain:{self.budget}"
+        return f"tree:{self.budget},{self.max_depth},{self.max_width}"

@@ -60,8 +60,10 @@ class FakeVerifier:
                  vocab_size: int | None = None, die_at: int | None = None,
                  stall_at: int | None = None, refuse_at: int | None = None,
                  bad_receipt_at: int | None = None, refuse_open: bool = False,
-                 busy_opens: int = 0, retry_after: float = 0.2, queue_depth: int = 0) -> None:
+                 busy_opens: int = 0, retry_after: float = 0.2, queue_depth: int = 0,
+                 pass_costs: list[tuple[int, int]] = ()) -> None:
         self.model = model
+        self.pass_costs = [pb.PassCost(rows=r, micros=us) for r, us in pass_costs]
         self.model_id = model_id
         self.key = create_new_key_pair()
         self.peer = peer_id_of(self.key)
@@ -105,7 +107,7 @@ class FakeVerifier:
         session_id = os.urandom(16)
         await write_frame(stream, pb.Frame(opened=pb.SessionOpened(
             session_id=session_id, verifier_peer_id=self.peer, vocab_size=self.vocab_size,
-            max_tree_tokens=self.max_tree)))
+            max_tree_tokens=self.max_tree, pass_costs=self.pass_costs)))
         seq = 0
         while True:
             frame = await read_frame(stream, timeout=30)

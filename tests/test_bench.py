@@ -93,9 +93,11 @@ def test_bench_runs_end_to_end_and_calibrates_the_simulator(tmp_path):
         capture_output=True, text=True, timeout=900, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["modes"]) == {"autoregressive", "server_only", "specedge"}
-    for mode in report["modes"].values():
-        assert set(mode) == {"1", "4"}
+    assert set(report["modes"]) == {"autoregressive", "server_only", "assisted", "specedge"}
+    for name, mode in report["modes"].items():
+        assert set(mode) == ({"1"} if name == "assisted" else {"1", "4"})
+    assert report["ratios"]["specedge_vs_assisted_k1"]["tokens_per_s"] > 0
+    assert report["modes"]["specedge"]["1"]["round_ms"]["verify"] > 0
     assert report["ratios"]["specedge_vs_server_only"].keys() == {"1", "4"}
     # Float32 greedy: every mode answers every prompt exactly as autoregressive does.
     assert all(v.split("/")[0] == v.split("/")[1]

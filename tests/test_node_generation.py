@@ -101,7 +101,8 @@ def covered(gen) -> None:
         _, receipt = open_receipt(kept.receipt_envelope)
         _, req = open_request(kept.request_envelope)
         accepted = list(req.tokens[: receipt.accepted])  # chains: the first ones
-        assert accepted == gen.token_ids[pos:pos + receipt.accepted][: len(accepted)]
+        kept = gen.token_ids[pos:pos + receipt.accepted]  # the last round may pass the end
+        assert accepted[: len(kept)] == kept
         pos += receipt.accepted + 1
     assert pos >= len(gen.token_ids)
     assert pos - (gen.receipts[-1].accepted + 1) < len(gen.token_ids)

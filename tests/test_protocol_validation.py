@@ -147,6 +147,12 @@ CASES: list[tuple[str, Callable[[], None], ErrorCode]] = [
     ("opened: huge tree budget", lambda: validate_session_opened(pb.SessionOpened(
         session_id=SID, verifier_peer_id=VERIFIER_ID, vocab_size=9,
         max_tree_tokens=MAX_TREE_TOKENS + 1)), E.INVALID_PARAMETER),
+    ("opened: pass cost at 0 rows", lambda: validate_session_opened(pb.SessionOpened(
+        session_id=SID, verifier_peer_id=VERIFIER_ID, vocab_size=9, max_tree_tokens=4,
+        pass_costs=[pb.PassCost(rows=0, micros=5)])), E.INVALID_PARAMETER),
+    ("opened: too many pass costs", lambda: validate_session_opened(pb.SessionOpened(
+        session_id=SID, verifier_peer_id=VERIFIER_ID, vocab_size=9, max_tree_tokens=4,
+        pass_costs=[pb.PassCost(rows=r, micros=5) for r in range(1, 100)])), E.TOO_LARGE),
     # VerifyRequest
     ("request: bad session id", lambda: check_request(request(session_id=b"short")), E.MALFORMED),
     ("request: other session", lambda: check_request(request(session_id=b"t" * 16)),

@@ -206,7 +206,7 @@ def test_shutdown_finishes_the_round_in_flight_then_refuses(models):
 
 def test_advert_reports_live_figures_and_refuses_another_model(models):
     async def body(verifier: Verifier, client: Client) -> None:
-        verifier.engine.pass_costs = {5: 0.0012, 1: 0.0009}  # as verifier/engines.py sets
+        verifier.config.pass_costs = [(1, 900), (5, 1200)]  # as the CLI's probe sets
         conn = await client.session(PROMPT, 8)
         await client.generate(conn, PROMPT, 8, CHAIN)
         stream = await client.stream(ADVERT_PROTOCOL)
@@ -223,7 +223,7 @@ def test_advert_reports_live_figures_and_refuses_another_model(models):
         assert a.prefill_tokens_per_s > 0 and a.mean_pass_micros > 0
         assert (a.sessions_open, a.max_sessions, a.queued_prefill_tokens) == (1, 64, 0)
         assert a.engine == "torch/float32"
-        # The measured pass-cost curve the engine carries (verifier/engines.py) goes out.
+        # The pass-cost curve measured at start (verifier/costprobe.py) goes out.
         assert [(p.rows, p.micros) for p in a.pass_costs] == [(1, 900), (5, 1200)]
 
     run_with_verifier(models, body)

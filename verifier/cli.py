@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the measured prefill speed); the node then tries another verifier "
                    "or comes back (default: %(default)s)")
     p.add_argument("--test-pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--no-cost-probe", action="store_true",
+                   help="skip measuring the pass cost by rows at start (a few seconds); nodes "
+                   "then size dynamic trees to their budget")
     p.add_argument("--no-standing", action="store_true",
                    help="serve requests first come, first served, whatever the node's standing "
                    "(by default, under load, nodes with earned credit go first and the last "
@@ -222,6 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key_pair = load_or_create_identity(args.identity or default_identity_path("verifier"))
     engine = engines.build(args)
     engine.tree_slack = args.max_tree_tokens + 1
+    pass_costs = [] if args.no_cost_probe else _probe(engine, args)
     engine.extra_pass_seconds = args.test_pass_delay
     log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
              args.model, engine.name, args.device, "reproduce" if engine.exact else
@@ -249,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reannounce_interval=args.reannounce,
         reach=ReachConfig(mode=args.reachability, relays=args.relays, upnp=args.upnp,
                           hole_punch=not args.no_hole_punch, status_file=args.status_file),
+        pass_costs=pass_costs,
     )
     metrics = VerifierMetrics()
     if args.metrics_port is not None:
@@ -276,6 +281,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if ledger is not None:
             ledger.close()
+
+
+def _probe(engine: object, args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The engine's pass cost by rows up to the largest tree (plus its root), for nodes."""
+    from specedge.verifier.costprobe import measure_pass_costs
+
+    costs = measure_pass_costs(engine, engine.vocab_size, args.max_tree_tokens + 1)
+    log.info("pass cost by rows: %s", ", ".join(f"{r}: {us / 1000:.1f} ms" for r, us in costs))
+    return costs
 
 
 def kv_store(model: object, args: argparse.Namespace) -> object:

@@ -4,8 +4,8 @@
 `--engine llama.cpp` loads the model's GGUF directly (`specedge.ggufs`). `--engine auto`
 (and `--dtype auto`) builds every engine this machine can run for the model, measures
 each one's pass cost by rows for a few seconds (`specedge.passcost`), keeps the fastest
-and logs what it chose and why. The chosen engine carries its measured curve
-(`pass_costs`, rows -> seconds), which the verifier advertises.
+and logs what it chose and why. The curve the verifier advertises to nodes is measured
+after, on the engine it serves with (`verifier/costprobe.py`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ def build(args: argparse.Namespace) -> object:
     names = ["torch", "llama.cpp"] if args.engine == "auto" else [args.engine]
     dtypes = list(TORCH_DTYPES) if args.dtype == "auto" else [args.dtype]
     if len(names) == 1 and len(dtypes) == 1:
-        engine = _torch(args, dtypes[0]) if names[0] == "torch" else _llama(args)
-        engine.pass_costs = _curve(engine)
-        log.info("engine %s: %s", engine.name, passcost.describe(engine.pass_costs))
-        return engine
+        # Nothing to choose: the verifier's cost probe measures the curve it advertises.
+        return _torch(args, dtypes[0]) if names[0] == "torch" else _llama(args)
     measured: list[passcost.Measured] = []
     leader: passcost.Measured | None = None
     for name in names:

@@ -171,6 +171,8 @@ class VerifierConfig:
     reannounce_interval: float = hosts.REANNOUNCE_INTERVAL
     gossip: bool = True  # relay fraud proofs (protocol.gossip)
     reach: ReachConfig = field(default_factory=ReachConfig)  # NAT: dial-back, relays, UPnP
+    # (rows, microseconds) of the engine's passes, measured at start (verifier/costprobe.py)
+    pass_costs: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Verifier:
@@ -469,7 +471,12 @@ class Verifier:
         return pb.Frame(opened=pb.SessionOpened(
             session_id=session.id, verifier_peer_id=self.peer_id,
             vocab_size=self.config.vocab_size, max_tree_tokens=self.config.max_tree_tokens,
+            pass_costs=self._pass_costs(),
         ))
+
+    def _pass_costs(self) -> list[pb.PassCost]:
+        return [pb.PassCost(rows=r, micros=min(us, MAX_VERIFY_MICROS))
+                for r, us in self.config.pass_costs]
 
     async def _prefill(self, session: Session) -> None:
         """Prefill the session's prompt; record a failure for its first request."""
@@ -706,9 +713,8 @@ class Verifier:
             max_sessions=min(self.config.max_sessions, MAX_SESSIONS),
             queued_prefill_tokens=min(self.scheduler.queued_prefill_rows(), MAX_QUEUE_DEPTH),
             engine=self.engine_name,
+            pass_costs=self._pass_costs(),
             committed_tokens=self.metrics.committed_total,
-            pass_costs=[pb.PassCost(rows=n, micros=min(int(s * 1e6), MAX_VERIFY_MICROS))
-                        for n, s in sorted(getattr(self.engine, "pass_costs", {}).items())],
         )
 
     async def _advert_handler(self, stream: INetStream) -> None:
