@@ -190,7 +190,8 @@ async def generate(
         draft_vocab = draft_model.vocab_size
     else:
         drafter, draft_vocab = Drafter(draft_model, shape, store=store), vocab_size(draft_model)
-    drafter.bets = bets  # (the llama.cpp drafter bets on the likeliest verdict only)
+    if isinstance(drafter, Drafter):  # the llama.cpp drafter bets on the likeliest verdict
+        drafter.bets = bets
     run = _Run(drafter, draft_vocab, prompt_ids,
                max_new_tokens, eos_ids, connector, model_id, params, proactive, on_tokens,
                on_event, book, max_failovers, stop)

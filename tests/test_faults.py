@@ -156,6 +156,7 @@ def _faults_mid_generation(tmp_path, greedy, faults: list[str]) -> dict:
             v.kill()
 
 
+@pytest.mark.slow
 def test_verifier_killed_then_next_frozen_mid_generation_loses_nothing(tmp_path, greedy):
     _faults_mid_generation(tmp_path, greedy, ["sigkill", "sigstop"])
 
@@ -247,6 +248,7 @@ def _node_kill_cycles(tmp_path, cycles: int) -> None:
         v.kill()
 
 
+@pytest.mark.slow
 def test_killed_and_frozen_nodes_are_reaped_and_memory_returns(tmp_path):
     _node_kill_cycles(tmp_path, 1)
 
@@ -262,6 +264,7 @@ def test_killed_and_frozen_nodes_are_reaped_soak(tmp_path):
 PG_TOKENS = 700
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_postgres_outage_mid_run_spools_then_flushes_everything(tmp_path, greedy):
     """The verifier's PostgreSQL ledger goes away mid-run (a TCP proxy between them drops
@@ -413,6 +416,7 @@ def test_verifier_restarted_with_same_identity_is_rediscovered(tmp_path, greedy,
                 p.kill()
 
 
+@pytest.mark.slow
 def test_direct_verifier_restarted_on_its_port_is_used_again(tmp_path, greedy):
     """`join --verifier ADDR` (no DHT): the verifier dies, a request fails, the verifier
     comes back on the same address with the same identity; requests must be served

@@ -47,6 +47,7 @@ def long_prompt(i: int, chars: int = 1500) -> str:
     return "\n".join(words)[:chars]
 
 
+@pytest.mark.slow
 def test_slow_verifier_serves_every_long_session_from_two_nodes(tmp_path, tiny):
     """8 concurrent ~1500-token prompts from two node processes on a verifier whose every
     pass takes a second longer: prefills end 5 to 50 s after their open, far past the old
@@ -88,6 +89,7 @@ def _sessions_open(verifier: Verifier) -> float:
     return verifier.metric("specedge_sessions_open")
 
 
+@pytest.mark.slow
 def test_full_verifier_says_busy_and_the_node_goes_elsewhere_or_waits(tmp_path, tiny):
     """A verifier at its session limit refuses at once with BUSY and a retry-after. A
     node that knows a second verifier goes there (no failover: nothing failed); a node
@@ -210,6 +212,7 @@ def _generate_runs(tmp_path, runs: int) -> list[int]:
     return codes
 
 
+@pytest.mark.slow
 def test_generate_exits_zero_every_time(tmp_path):
     """A process that printed its complete result exits 0: no thread of ours (the
     proactive bet's) is alive when the interpreter shuts down (it used to abort with

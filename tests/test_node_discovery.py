@@ -204,6 +204,7 @@ trio.run(main)
 '''
 
 
+@pytest.mark.slow
 def test_mdns_finds_a_verifier_on_the_lan(tmp_path):
     """mDNS multicasts on every interface, so it runs in a private network namespace."""
     if shutil.which("unshare") is None or subprocess.run(

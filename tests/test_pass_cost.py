@@ -47,6 +47,7 @@ def test_pass_cost_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_tiny_writes_one_json(tmp_path):
     out = tmp_path / "check.json"
     res = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--tiny", "--skip-bench",

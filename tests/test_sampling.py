@@ -163,6 +163,7 @@ def test_first_tokens_follow_the_target_distribution(tiny_vocab_pair):
     assert chi_square_pvalue(counts, probs) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrong_rule", [lenient_accept, off_by_one_accept])
 def test_a_wrong_rule_fails_the_distribution_test(tiny_vocab_pair, monkeypatch, wrong_rule):
     draft, target = tiny_vocab_pair

@@ -285,6 +285,7 @@ def test_validate_fails_when_the_bench_is_perturbed_by_30_percent():
     assert sum(r.error > 0.15 for r in rows if r.metric == "server_throughput_tps") >= 10
 
 
+@pytest.mark.slow
 def test_validate_cli_exit_codes(tmp_path, capsys):
     good = tmp_path / "good.json"
     bad = tmp_path / "bad.json"

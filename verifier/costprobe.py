@@ -9,10 +9,14 @@ early when the time budget is spent.
 
 from __future__ import annotations
 
+import logging
 import time
 
+from specedge.kvblocks import MemoryFull
 from specedge.sampling import SamplingParams
 from specedge.verifier.engine import TargetEngine, VerifyJob
+
+log = logging.getLogger("specedge.verifier")
 
 PROBE_CONTEXT = 64  # prompt rows the probe session holds (a short chat turn)
 PROBE_REPEATS = 3
@@ -37,7 +41,11 @@ def measure_pass_costs(engine: TargetEngine, vocab: int, max_rows: int,
     cannot bend the curve at one count. Stops after the first measured round once
     `budget_s` is spent."""
     prompt = [(7 + 13 * k) % vocab for k in range(PROBE_CONTEXT)]
-    state = engine.new_state(prompt, SamplingParams())
+    try:  # the probe session holds its prompt and the largest tree, nothing more
+        state = engine.new_state(prompt, SamplingParams(), max_new_tokens=max_rows)
+    except MemoryFull as exc:
+        log.warning("no pass-cost probe (nodes size trees without it): %s", exc)
+        return []
     best: dict[int, float] = {}
     try:
         while (job := engine.next_prefill(state)) is not None:
