@@ -205,16 +205,14 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     limit_malloc_arenas()  # first: before torch or anything else starts threads
-    import platformdirs
     import torch
     import trio
 
     from specedge.protocol import hosts
     from specedge.protocol.identity import default_identity_path, load_or_create_identity
     from specedge.verifier import engines
-    from specedge.verifier.host import Verifier, VerifierConfig
+    from specedge.verifier.host import Verifier
     from specedge.verifier.metrics import VerifierMetrics
-    from specedge.verifier.reach import ReachConfig
 
     hosts.configure_logging(args.verbose)
     if args.verbose < 2:  # the ledger's migrations announce themselves at INFO
@@ -230,7 +228,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("model %s loaded (%s on %s); batched results %s one-session results bit for bit",
              args.model, engine.name, args.device, "reproduce" if engine.exact else
              "may differ in the last bits from")
-    config = VerifierConfig(
+    config = verifier_config(args, engine, pass_costs)
+    metrics = VerifierMetrics()
+    if args.metrics_port is not None:
+        port = metrics.serve(args.metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    ledger = None if args.no_ledger else _ledger(args)
+    verifier = Verifier(engine, key_pair, config, ledger, metrics)
+
+    async def main() -> None:
+        stopper = hosts.StopSignal()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stopper.watch, nursery.cancel_scope)
+            await verifier.serve(stopper.event)
+            nursery.cancel_scope.cancel()
+
+    try:
+        return hosts.run_main(main)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def verifier_config(args: argparse.Namespace, engine: object,
+                    pass_costs: list[tuple[int, int]]) -> object:
+    """The Verifier's settings from the command line and the engine it serves with."""
+    from specedge.protocol import hosts
+    from specedge.verifier.host import VerifierConfig
+    from specedge.verifier.reach import ReachConfig
+
+    return VerifierConfig(
         model_id=args.model_id or args.model,
         vocab_size=engine.vocab_size,
         max_context_tokens=engine.max_context,
@@ -255,32 +282,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           hole_punch=not args.no_hole_punch, status_file=args.status_file),
         pass_costs=pass_costs,
     )
-    metrics = VerifierMetrics()
-    if args.metrics_port is not None:
-        port = metrics.serve(args.metrics_port)
-        log.info("metrics on http://127.0.0.1:%d/metrics", port)
-    ledger = None
-    if not args.no_ledger:
-        from specedge.ledger import SpoolingLedger
 
-        spool = Path(args.spool_dir) if args.spool_dir else (
-            platformdirs.user_data_path("specedge") / "verifier-spool")
-        ledger = SpoolingLedger(args.ledger, spool)
-        ledger.start_background_flush()
-    verifier = Verifier(engine, key_pair, config, ledger, metrics)
 
-    async def main() -> None:
-        stopper = hosts.StopSignal()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(stopper.watch, nursery.cancel_scope)
-            await verifier.serve(stopper.event)
-            nursery.cancel_scope.cancel()
+def _ledger(args: argparse.Namespace) -> object:
+    """The verifier's ledger, spooling receipts to disk while the database is away."""
+    import platformdirs
 
-    try:
-        return hosts.run_main(main)
-    finally:
-        if ledger is not None:
-            ledger.close()
+    from specedge.ledger import SpoolingLedger
+
+    spool = Path(args.spool_dir) if args.spool_dir else (
+        platformdirs.user_data_path("specedge") / "verifier-spool")
+    ledger = SpoolingLedger(args.ledger, spool)
+    ledger.start_background_flush()
+    return ledger
 
 
 def _probe(engine: object, args: argparse.Namespace) -> list[tuple[int, int]]:
