@@ -64,14 +64,15 @@ def _llama(name: str, threads: int | None) -> tuple[object, object]:
 
 
 def _decode_seconds(model: object, repeats: int = 3, context: int = 32) -> float:
-    """Median seconds of one draft token over a `context`-token cache."""
-    if hasattr(model, "decode_seconds"):
-        return model.decode_seconds(repeats, context)
-    from specedge.drafter import Drafter
-    from specedge.models import vocab_size
+    """Median seconds of one draft token over a `context`-token cache, on either engine."""
+    if hasattr(model, "new_drafter"):  # llama.cpp (specedge.llama_drafter)
+        drafter, vocab = model.new_drafter(TreeShape.chain(1), context + repeats + 2), \
+            model.vocab_size
+    else:
+        from specedge.drafter import Drafter
+        from specedge.models import vocab_size
 
-    vocab = vocab_size(model)
-    drafter = Drafter(model, TreeShape.chain(1))
+        drafter, vocab = Drafter(model, TreeShape.chain(1)), vocab_size(model)
     prompt = [(7 + 13 * k) % vocab for k in range(context)]
     drafter.prefill(prompt)
     times = []

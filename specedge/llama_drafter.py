@@ -251,19 +251,3 @@ class LlamaDraftModel:
         """A drafter whose context holds `rows` committed tokens and the trees in flight."""
         cells = (rows + 4 * (shape.budget + 1) + 255) // 256 * 256
         return LlamaDrafter(self.model, shape, n_ctx=cells, threads=self.threads)
-
-    def decode_seconds(self, repeats: int = 3, context: int = 32) -> float:
-        """Median seconds of one draft token over a `context`-token cache (measured)."""
-        import statistics
-        import time
-
-        drafter = self.new_drafter(TreeShape.chain(1), context + repeats + 2)
-        prompt = [(7 + 13 * k) % self.vocab_size for k in range(context)]
-        drafter.prefill(prompt)
-        times = []
-        for i in range(repeats + 1):  # the first warms up
-            start = time.perf_counter()
-            drafter.prefill([*prompt, i + 1])
-            if i:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)

@@ -27,23 +27,12 @@ from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.framing import read_frame, write_frame
 from specedge.protocol.limits import FRAME_LIMITS, HANDSHAKE_TIMEOUT, MAX_VERIFY_MICROS
 from specedge.protocol.validation import expect
-from specedge.sampling import SamplingParams
+from specedge.verifier.sessions import sampling_params
 
 if TYPE_CHECKING:
     from specedge.verifier.host import Verifier
 
 _ONE_AT_A_TIME = trio.CapacityLimiter(1)
-
-
-def params_of(msg: pb.Sampling) -> SamplingParams:
-    """The audited session's sampling (INVALID_PARAMETER when no sampler honours it)."""
-    params = SamplingParams(temperature=float(msg.temperature), top_p=float(msg.top_p or 1.0),
-                            top_k=int(msg.top_k), seed=int(msg.seed))
-    try:
-        params.check()
-    except ValueError as exc:
-        raise ProtocolError(ErrorCode.INVALID_PARAMETER, str(exc)) from None
-    return params
 
 
 async def serve_audit(verifier: Verifier, stream: INetStream) -> None:
@@ -59,7 +48,7 @@ async def serve_audit(verifier: Verifier, stream: INetStream) -> None:
                             f"this verifier serves {verifier.config.model_id!r}")
     if len(req.prompt) + len(req.committed) > verifier.config.max_context_tokens:
         raise ProtocolError(ErrorCode.LIMIT_REACHED, "transcript longer than the context")
-    params = params_of(req.sampling)
+    params = sampling_params(req.sampling)
     start = time.perf_counter()
     engine = verifier.engine
     try:

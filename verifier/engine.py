@@ -368,13 +368,7 @@ class TargetEngine:
 
     def next_prefill(self, state: TargetState, limit: int | None = None) -> PrefillJob | None:
         """The session's next prefill chunk (None when prefilled), at most `limit` rows."""
-        start = state.cached
-        if start >= state.prefix_len:
-            return None
-        stop = min((start // self.prefill_chunk + 1) * self.prefill_chunk, state.prefix_len)
-        if limit is not None:
-            stop = min(stop, start + max(limit, 1))
-        return PrefillJob(state, start, stop)
+        return prefill_chunk(state, self.prefill_chunk, limit)
 
     def _segment(self, job: Job, row: int) -> tuple[list[int], torch.Tensor, _Segment]:
         state = job.state
@@ -495,6 +489,19 @@ class TargetEngine:
         verdict = Verdict(path, bonus, [int(job.tokens[n]) for n in path], facts)
         state.tokens.extend(verdict.new_tokens)
         return verdict
+
+
+def prefill_chunk(state: TargetState, chunk: int, limit: int | None) -> PrefillJob | None:
+    """A session's next prefill chunk on any engine: up to the next multiple of `chunk`
+    (aligned, so a session's cache does not depend on how its prefill was split), at most
+    `limit` rows; None when the prompt is prefilled. `state` needs `cached`, `prefix_len`."""
+    start = state.cached
+    if start >= state.prefix_len:
+        return None
+    stop = min((start // chunk + 1) * chunk, state.prefix_len)
+    if limit is not None:
+        stop = min(stop, start + max(limit, 1))
+    return PrefillJob(state, start, stop)
 
 
 def record_facts(rows: torch.Tensor, where: Sequence[int], job: VerifyJob, path: list[int],

@@ -122,14 +122,13 @@ from specedge.protocol.validation import (
     validate_statement,
     validate_verify_request,
 )
-from specedge.sampling import SamplingParams
 from specedge.verifier.audit import serve_audit
 from specedge.verifier.engine import TargetEngine
 from specedge.verifier.metrics import VerifierMetrics
 from specedge.verifier.reach import Reach, ReachConfig
 from specedge.verifier.receipts import Ingest, ReceiptWriter, make_receipt
 from specedge.verifier.scheduler import Outcome, Scheduler
-from specedge.verifier.sessions import Session, SessionTable, new_session_id
+from specedge.verifier.sessions import Session, SessionTable, new_session_id, sampling_params
 from specedge.verifier.standing import (
     GRANT,
     HALF_LIFE_S,
@@ -366,7 +365,7 @@ class Verifier:
         if msg is None:
             return
         try:
-            state = self.engine.new_state(list(msg.prompt), _sampling(msg.sampling),
+            state = self.engine.new_state(list(msg.prompt), sampling_params(msg.sampling),
                                           msg.max_new_tokens)
             state.top_logprobs = msg.top_logprobs
         except MemoryFull as exc:
@@ -407,7 +406,7 @@ class Verifier:
                 revision=self.config.revision or None,
                 max_context_tokens=self.config.max_context_tokens,
             )
-            _sampling(msg.sampling)
+            sampling_params(msg.sampling)
             self._admit()
             if msg.standing:
                 self._take_statement(peer, bytes(msg.standing))
@@ -759,17 +758,6 @@ class Verifier:
         store = getattr(self.engine, "store", None)
         if store is not None:
             self.metrics.record_store(store)
-
-
-def _sampling(msg: pb.Sampling) -> SamplingParams:
-    """The session's sampling parameters (INVALID_PARAMETER if no sampler can honour them)."""
-    params = SamplingParams(temperature=float(msg.temperature), top_p=float(msg.top_p or 1.0),
-                            top_k=int(msg.top_k), seed=int(msg.seed))
-    try:
-        params.check()
-    except ValueError as exc:
-        raise ProtocolError(ErrorCode.INVALID_PARAMETER, str(exc)) from None
-    return params
 
 
 async def _close(stream: INetStream) -> None:

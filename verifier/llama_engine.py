@@ -53,6 +53,7 @@ from specedge.verifier.engine import (  # the same jobs, the same receipt facts
     PassResult,
     PrefillJob,
     VerifyJob,
+    prefill_chunk,
     record_facts,
 )
 
@@ -172,13 +173,7 @@ class LlamaEngine:
 
     def next_prefill(self, state: LlamaState, limit: int | None = None) -> PrefillJob | None:
         """The session's next prefill chunk (None when prefilled), at most `limit` rows."""
-        start = state.cached
-        if start >= state.prefix_len:
-            return None
-        stop = min((start // self.prefill_chunk + 1) * self.prefill_chunk, state.prefix_len)
-        if limit is not None:
-            stop = min(stop, start + max(limit, 1))
-        return PrefillJob(state, start, stop)
+        return prefill_chunk(state, self.prefill_chunk, limit)
 
     # -- a pass ---------------------------------------------------------------------
 

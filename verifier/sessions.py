@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from specedge.protocol import specedge_pb2 as pb
 from specedge.protocol.errors import ErrorCode, ProtocolError
 from specedge.protocol.limits import SESSION_ID_BYTES
+from specedge.sampling import SamplingParams
 from specedge.verifier.engine import TargetState
 
 
@@ -119,3 +121,15 @@ class SessionTable:
 def new_session_id() -> bytes:
     """16 random bytes: unguessable, so a session id is no handle for strangers."""
     return os.urandom(SESSION_ID_BYTES)
+
+
+def sampling_params(msg: pb.Sampling) -> SamplingParams:
+    """A session's (or an audited transcript's) sampling as received, float32 values
+    (INVALID_PARAMETER when no sampler can honour it)."""
+    params = SamplingParams(temperature=float(msg.temperature), top_p=float(msg.top_p or 1.0),
+                            top_k=int(msg.top_k), seed=int(msg.seed))
+    try:
+        params.check()
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.INVALID_PARAMETER, str(exc)) from None
+    return params
